@@ -1,0 +1,1 @@
+"""Image archive formats: pure functions over byte streams and JSON documents."""
