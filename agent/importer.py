@@ -47,6 +47,8 @@ class ImportOptions:
     # None imports every platform present.
     platforms: tuple[Platform, ...] | None = None
     pin: bool = True
+    # Repository for OCI entries named only by a bare tag (ctr's --base-name).
+    base_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -351,40 +353,45 @@ class _Session:
     def _resolve_oci(self) -> list[_Image]:
         images = []
         for i, entry in enumerate(layout.parse_index(self.docs[layout.OCI_INDEX_FILE])):
-            name = layout.image_name(entry)
+            name = layout.image_name(entry, self.options.base_name)
             image = _Image([name] if name else [], entry, [])
             self._walk(entry, image, f"index.json manifests[{i}]", depth=0)
             images.append(image)
         return images
 
-    def _walk(self, desc: Descriptor, image: _Image, what: str, depth: int) -> None:
+    def _walk(self, desc: Descriptor, image: _Image, what: str, depth: int) -> bool:
+        """Select the wanted platform images under ``desc``; True if any was selected."""
         if depth > 4:
             raise ArchiveError(f"{what}: indexes nested too deeply")
         if desc.platform is not None and not self._wanted(desc.platform):
-            return  # another platform's blobs may be absent (ctr export)
+            return False  # another platform's blobs may be absent (ctr export)
         data = self._blob(desc.digest, what)
         if layout.sha256(data) != desc.digest:
             raise ArchiveError(f"{what}: content does not match its digest {desc.digest}")
         if layout.document_kind(desc.media_type, data, what) == "index":
             children = layout.parse_index(data, what)
-            image.labels.append(
-                (desc.digest, {f"{GC_CONTENT}.m.{n}": c.digest for n, c in enumerate(children)})
-            )
-            for n, child in enumerate(children):
-                self._walk(child, image, f"{what} > manifests[{n}]", depth + 1)
-            return
+            # Only selected children are referenced, so containerd collects
+            # the other platforms' blobs once the lease is gone.
+            refs_ = {
+                f"{GC_CONTENT}.m.{n}": child.digest
+                for n, child in enumerate(children)
+                if self._walk(child, image, f"{what} > manifests[{n}]", depth + 1)
+            }
+            image.labels.append((desc.digest, refs_))
+            return bool(refs_)
         manifest = layout.parse_manifest(data, what)
         config = layout.parse_config(
             self._blob(manifest.config.digest, f"{what} config"), f"{what} config"
         )
         if not self._wanted(config.platform):
-            return
+            return False
         if len(config.diff_ids) != len(manifest.layers):
             raise ArchiveError(
                 f"{what}: {len(manifest.layers)} layers but "
                 f"{len(config.diff_ids)} diff_ids in its config"
             )
         self._select(image, desc, manifest, config, what)
+        return True
 
     def _select(
         self, image: _Image, desc: Descriptor, manifest: Manifest, config: ImageConfig, what: str

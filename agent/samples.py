@@ -222,3 +222,14 @@ def archive_bytes(entries: Iterable[tuple[str, bytes]]) -> bytes:
 def write(out: BinaryIO, data: bytes, compression: str = "none") -> None:
     """Write an archive, compressed as a whole with ``compression``."""
     out.write(compress(data, compression))
+
+
+def demo_images(platform: Platform) -> list[SampleImage]:
+    """Two small images sharing a base layer, as in a real site bundle."""
+    base = Layer({"etc/os-release": b"ID=image-agent-sample\n", "bin/.keep": b""}, "gzip")
+    app = Layer({"app/hello.txt": b"hello from image-agent\n"}, "zstd")
+    tools = Layer({"opt/tools/README": b"sample tools layer\n" * 64}, "gzip")
+    return [
+        SampleImage("image-agent/sample-app:1.0", (Variant(platform, (base, app)),)),
+        SampleImage("registry.local:5000/sample/tools:2024.1", (Variant(platform, (base, tools)),)),
+    ]

@@ -257,18 +257,20 @@ def chain_ids(diff_ids: tuple[str, ...]) -> list[str]:
     return chain
 
 
-def image_name(desc: Descriptor) -> str | None:
+def image_name(desc: Descriptor, base_name: str = "") -> str | None:
     """The image name carried by an index entry, normalized, or None.
 
     ``io.containerd.image.name`` wins; ``org.opencontainers.image.ref.name``
-    counts when it is a full reference (a bare tag such as ``latest`` names
-    no repository).
+    counts when it is a full reference. A bare tag there (``latest``, as
+    umoci writes) names an image only with ``base_name`` (``base_name:tag``).
     """
     name = desc.annotations.get(ANNOTATION_IMAGE_NAME)
     if not name:
         ref_name = desc.annotations.get(ANNOTATION_REF_NAME, "")
         if "/" in ref_name or ":" in ref_name:
             name = ref_name
+        elif ref_name and base_name:
+            name = f"{base_name}:{ref_name}"
     if not name:
         return None
     try:

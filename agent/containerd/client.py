@@ -6,6 +6,7 @@ lease metadata and turns :class:`grpc.RpcError` into the agent's own errors.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import queue
@@ -171,10 +172,17 @@ class Containerd:
         return lease_id
 
     def delete_lease(self, lease_id: str) -> None:
-        try:
-            self._call(self._leases.Delete, leases_pb2.DeleteRequest(id=lease_id), "delete lease")
-        except NotFound:
-            pass
+        """Release a lease and let containerd collect what nothing else references.
+
+        Synchronous: when this returns, content that only the lease held is gone.
+        """
+        with contextlib.suppress(NotFound):
+            self._call(
+                self._leases.Delete,
+                leases_pb2.DeleteRequest(id=lease_id, sync=True),
+                "delete lease",
+                timeout=None,
+            )
 
     def leases(self) -> list[str]:
         resp = self._call(self._leases.List, leases_pb2.ListRequest(), "list leases")

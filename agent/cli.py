@@ -1,0 +1,246 @@
+"""The wiring point: parse the command line, build config, logger and clients, run.
+
+Nothing else in the package reads flags or the environment, creates a client
+or installs signal handlers; everything receives its dependencies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from agent import __version__, config, logs, platforms, report
+from agent.containerd.client import Containerd, CriImage, default_address
+from agent.errors import AgentError, ArchiveError, ContainerdUnavailable, UsageError
+from agent.importer import PINNED_LABEL, Importer, ImportOptions, ImportResult
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="image-agent",
+        description="Load image archives into containerd and keep images warm on this node.",
+    )
+    parser.add_argument("--version", action="version", version=f"image-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    imp = sub.add_parser("import", help="import image archives into containerd")
+    imp.add_argument("files", nargs="+", metavar="FILE", help=".tar, .tar.gz, .tar.zst, ...")
+    plat = imp.add_mutually_exclusive_group()
+    plat.add_argument("--all-platforms", action="store_true", help="import every platform present")
+    plat.add_argument(
+        "--platform",
+        action="append",
+        metavar="OS/ARCH[/VARIANT]",
+        help=f"platform to import (repeatable; default: this node's, {platforms.node()})",
+    )
+    imp.add_argument("--no-unpack", action="store_true", help="do not unpack into the snapshotter")
+    imp.add_argument("--no-pin", action="store_true", help="do not pin against kubelet image GC")
+    imp.add_argument(
+        "--base-name",
+        default="",
+        metavar="REPO",
+        help="name OCI images tagged only with a bare tag (e.g. umoci's) as REPO:TAG",
+    )
+    config.add_arguments(imp, config.ContainerdConfig)
+
+    images = sub.add_parser("images", help="list images as the kubelet sees them (CRI)")
+    images.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    config.add_arguments(images, config.ContainerdConfig)
+
+    demo = sub.add_parser(
+        "demo",
+        help="start a private containerd, import a sample archive into it and list the result",
+    )
+    demo.add_argument("--dir", help="working directory (default: a new temporary directory)")
+    demo.add_argument("--keep", action="store_true", help="leave containerd's files behind")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logs.configure(os.environ.get("IMAGE_AGENT_LOG_LEVEL", "warning"), stream=sys.stderr)
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    try:
+        if args.command == "import":
+            return cmd_import(args, stop)
+        if args.command == "images":
+            return cmd_images(args)
+        if args.command == "demo":
+            return cmd_demo(args, stop)
+        raise UsageError(f"unknown command {args.command}")
+    except UsageError as err:
+        print(f"image-agent: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except ContainerdUnavailable as err:
+        print(f"image-agent: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except AgentError as err:
+        print(f"image-agent: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("image-agent: interrupted", file=sys.stderr)
+        return 130
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def _client(args: argparse.Namespace) -> tuple[Containerd, config.ContainerdConfig]:
+    cfg = config.resolve(config.ContainerdConfig, args)
+    client = Containerd(cfg.address or default_address(), cfg.namespace, timeout=cfg.timeout_s)
+    return client, cfg
+
+
+def _import_options(args: argparse.Namespace, cfg: config.ContainerdConfig) -> ImportOptions:
+    if args.all_platforms:
+        wanted = None
+    else:
+        try:
+            wanted = tuple(platforms.parse(p) for p in args.platform or ()) or (platforms.node(),)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+    return ImportOptions(
+        snapshotter=cfg.snapshotter,
+        unpack=not args.no_unpack,
+        platforms=wanted,
+        pin=not args.no_pin,
+        base_name=args.base_name,
+    )
+
+
+def cmd_import(args: argparse.Namespace, stop: threading.Event) -> int:
+    client, cfg = _client(args)
+    with client:
+        client.version()  # a clear error now if containerd is not there
+        progress = report.ProgressLine()
+        importer = Importer(client, _import_options(args, cfg), progress=progress, stop=stop)
+        failed = 0
+        for path in args.files:
+            try:
+                result = importer.import_file(path)
+            except ArchiveError as err:
+                progress.done()
+                print(f"image-agent: {err}", file=sys.stderr)
+                failed += 1
+                continue
+            finally:
+                progress.done()
+            print_import(result)
+        return EXIT_FAILED if failed else EXIT_OK
+
+
+def print_import(result: ImportResult) -> None:
+    for image in result.images:
+        state = "unpacked" if image.unpacked else "not unpacked"
+        plats = ", ".join(image.platforms) or "any platform"
+        print(f"{image.action} {image.name} {image.digest} ({plats}, {state})")
+    for digest in result.unnamed:
+        print(f"skipped unnamed image {digest}")
+    print(
+        f"{result.file}: {len(result.images)} image(s), {report.human_bytes(result.bytes_read)} "
+        f"read, {result.blobs_written} blob(s) written, {result.blobs_present} already present, "
+        f"{result.duration_s:.2f}s"
+    )
+
+
+def image_rows(client: Containerd) -> list[dict[str, object]]:
+    """CRI's image list, with pinning read from the image records where CRI does not report it."""
+    pinned_names = {
+        r.name for r in client.list_images() if r.labels.get(PINNED_LABEL) == "pinned"
+    }
+    rows = []
+    images: list[CriImage] = sorted(client.cri_images(), key=lambda i: (i.repo_tags, i.id))
+    for img in images:
+        names = set(img.repo_tags) | set(img.repo_digests)
+        rows.append(
+            {
+                "tags": list(img.repo_tags),
+                "digests": list(img.repo_digests),
+                "id": img.id,
+                "size": img.size,
+                "pinned": img.pinned or bool(names & pinned_names),
+            }
+        )
+    return rows
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    client, _ = _client(args)
+    with client:
+        rows = image_rows(client)
+    if args.output == "json":
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    table_rows = []
+    for row in rows:
+        tags = row["tags"] or ["<none>"]
+        digests = row["digests"] or [""]
+        assert isinstance(tags, list) and isinstance(digests, list)
+        digest = str(digests[0]).rpartition("@")[2][:19]
+        for tag in tags:
+            table_rows.append(
+                [str(tag), digest, str(row["id"])[7:20], report.human_bytes(int(str(row["size"]))),
+                 "yes" if row["pinned"] else "no"]
+            )
+    print(report.table(["IMAGE", "DIGEST", "ID", "SIZE", "PINNED"], table_rows))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace, stop: threading.Event) -> int:
+    from agent import samples
+    from agent.sandbox import PrivateContainerd
+
+    if os.geteuid() != 0:
+        raise UsageError("the demo starts a private containerd, which needs root (try sudo)")
+    base = Path(args.dir or tempfile.mkdtemp(prefix="image-agent-demo-"))
+    ctd = PrivateContainerd(base / "containerd")
+    print(f"starting a private containerd under {ctd.base}")
+    ctd.start()
+    try:
+        node = platforms.node()
+        archive = base / "images" / f"sample-{node.os}-{node.architecture}.tar.zst"
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        with open(archive, "wb") as f:
+            samples.write(f, samples.oci_archive(samples.demo_images(node)), "zstd")
+        print(f"built sample archive {archive} ({report.human_bytes(archive.stat().st_size)})")
+        with Containerd(ctd.address) as client:
+            cmd = ["image-agent", "import", "--address", ctd.address, str(archive)]
+            print(f"$ {' '.join(cmd)}")
+            importer = Importer(
+                client,
+                ImportOptions(platforms=(node,)),
+                progress=report.ProgressLine(),
+                stop=stop,
+            )
+            print_import(importer.import_file(str(archive)))
+            print(f"$ image-agent images --address {ctd.address}")
+            rows = image_rows(client)
+        for row in rows:
+            print(f"  {', '.join(map(str, row['tags']))}  {str(row['id'])[:19]}  "
+                  f"pinned={row['pinned']}")
+        if not rows:
+            raise AgentError("the CRI lists no image after the import")
+        return EXIT_OK
+    finally:
+        ctd.stop()
+        if not args.keep:
+            ctd.cleanup()

@@ -1,0 +1,95 @@
+"""Configuration as frozen dataclasses.
+
+Every field has a default, a unit where it has one, a ``--flag`` and an
+environment variable. Precedence: flag, then environment, then default.
+:func:`add_arguments` and :func:`resolve` are the only code that knows this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from agent.errors import UsageError
+
+
+def setting(default: Any, *, flag: str, env: str, help: str, unit: str = "") -> Any:
+    """A config field: its default, command-line flag, environment variable and unit."""
+    return dataclasses.field(
+        default=default, metadata={"flag": flag, "env": env, "help": help, "unit": unit}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ContainerdConfig:
+    address: str = setting(
+        "",
+        flag="--address",
+        env="CONTAINERD_ADDRESS",
+        help="containerd socket (default: the k3s socket if present, else "
+        "/run/containerd/containerd.sock)",
+    )
+    namespace: str = setting(
+        "k8s.io", flag="--namespace", env="CONTAINERD_NAMESPACE", help="containerd namespace"
+    )
+    snapshotter: str = setting(
+        "overlayfs",
+        flag="--snapshotter",
+        env="CONTAINERD_SNAPSHOTTER",
+        help="snapshotter to unpack into (the CRI's)",
+    )
+    timeout_s: float = setting(
+        30.0,
+        flag="--timeout",
+        env="IMAGE_AGENT_TIMEOUT",
+        unit="s",
+        help="deadline for each containerd call (unpacking a layer has none)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    level: str = setting(
+        "info", flag="--log-level", env="IMAGE_AGENT_LOG_LEVEL", help="debug, info, warning, error"
+    )
+
+
+C = TypeVar("C")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
+    """Add one option for each field of config class ``cls``."""
+    group = parser.add_argument_group(cls.__name__.removesuffix("Config").lower() or "config")
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        unit = f" [{meta['unit']}]" if meta["unit"] else ""
+        default = f.default if f.default not in ("", None) else "auto"
+        group.add_argument(
+            meta["flag"],
+            dest=f"{cls.__name__}.{f.name}",
+            default=None,
+            metavar=f.name.upper().removesuffix("_S"),
+            help=f"{meta['help']}{unit} (env {meta['env']}; default {default})",
+        )
+
+
+def resolve(cls: type[C], args: argparse.Namespace, env: Mapping[str, str] = os.environ) -> C:
+    """Build ``cls`` from parsed flags, the environment and defaults."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        raw = getattr(args, f"{cls.__name__}.{f.name}", None)
+        if raw is None:
+            raw = env.get(f.metadata["env"])
+        if raw is None or raw == "":
+            continue
+        kind = type(f.default)
+        try:
+            values[f.name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+        except ValueError:
+            raise UsageError(
+                f"{f.metadata['flag']} / {f.metadata['env']}: {raw!r} is not a valid {kind.__name__}"
+            ) from None
+    return cls(**values)

@@ -1,0 +1,320 @@
+"""`image-agent import` against a real containerd, with archives from real tools and our own."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from agent import samples
+from agent.archive import layout
+from agent.containerd import Containerd
+from agent.platforms import Platform
+from agent.sandbox import PrivateContainerd
+from tests.conftest import Podman, ctr
+from tests.helpers import (
+    assert_no_leases,
+    assert_pinned,
+    assert_unpacked,
+    cri_by_tag,
+)
+
+pytestmark = pytest.mark.containerd
+
+
+def _write(path: Path, data: bytes, compression: str = "none") -> Path:
+    with open(path, "wb") as f:
+        samples.write(f, data, compression)
+    return path
+
+
+def _cli_compress(path: Path, tool: list[str], out: Path) -> Path:
+    """Compress with the real command-line tool (``tool -c path > out``)."""
+    with open(out, "wb") as f:
+        subprocess.run([*tool, "-c", str(path)], check=True, stdout=f)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("suffix", "compressor"),
+    [
+        (".tar", None),
+        (".tar.gz", ["gzip"]),
+        (".tar.zst", ["zstd", "-q", "--long=27"]),
+        (".tar.bz2", ["bzip2"]),
+        (".tar.lz4", ["lz4", "-q"]),
+    ],
+)
+def test_oci_archive_any_compression_is_listed_unpacked_and_pinned(
+    cli, client: Containerd, node: Platform, tmp_path: Path, suffix: str, compressor: list[str] | None
+) -> None:
+    """An operator's archive, whatever its outer compression, shows up in crictl, unpacked and pinned."""
+    image = samples.simple_image("web:1.0", {"index.html": b"<h1>hi</h1>\n"}, node, "gzip")
+    plain = _write(tmp_path / "site.tar", samples.oci_archive([image]))
+    # The file name says nothing about the compression: detection is by magic bytes.
+    path = tmp_path / f"disguised{suffix[::-1]}"
+    if compressor:
+        _cli_compress(plain, compressor, path)
+    else:
+        plain.rename(path)
+    result = cli("import", str(path))
+    assert result.code == 0, result.err
+    assert "docker.io/library/web:1.0" in result.out
+
+    tags = cri_by_tag(client)
+    assert "docker.io/library/web:1.0" in tags
+    record = client.get_image("docker.io/library/web:1.0")
+    assert record is not None
+    digest_record = client.get_image(f"docker.io/library/web@{record.target.digest}")
+    assert digest_record is not None
+    assert_unpacked(client, tags["docker.io/library/web:1.0"])
+    assert_pinned(client, "docker.io/library/web:1.0")
+    assert_no_leases(client)
+
+
+def test_docker_archive_matches_ctr_import(
+    ctd: PrivateContainerd, client: Containerd, cli, node: Platform, tmp_path: Path
+) -> None:
+    """Same names, manifest and config digests as `ctr images import`, for podman- and docker-style archives."""
+    images = [
+        samples.SampleImage(
+            "app:1",
+            (samples.Variant(node, (samples.Layer({"a": b"A" * 3000}), samples.Layer({"b": b"B"}))),),
+        ),
+        samples.simple_image("registry.example:5000/team/tool:v2", {"t": b"tool"}, node),
+    ]
+    for legacy in (False, True):
+        path = _write(tmp_path / f"d{legacy}.tar", samples.docker_archive(images, legacy_names=legacy))
+        result = cli("import", str(path))
+        assert result.code == 0, result.err
+        ctr(ctd, f"ctr{legacy:d}", "images", "import", str(path))
+    ours = {r.name: r.target.digest for r in client.list_images() if "@" not in r.name}
+    with Containerd(ctd.address, namespace="ctr0") as theirs:
+        ctr_images = {r.name: r.target.digest for r in theirs.list_images()}
+    assert ours == ctr_images
+    for config in cri_by_tag(client).values():
+        assert_unpacked(client, config)
+
+
+def test_podman_archives_match_ctr(
+    ctd: PrivateContainerd, client: Containerd, cli, podman: Podman, tmp_path: Path
+) -> None:
+    """podman save (docker-archive, multi-image, oci-archive) imports with the config digests ctr sees."""
+    podman.build("localhost/pm/alpha:1", {"alpha": b"alpha\n" * 100})
+    podman.build("localhost/pm/beta:2", {"beta": b"beta\n", "etc/conf": b"x=1\n"})
+    multi = tmp_path / "multi.tar"
+    podman("save", "-q", "--multi-image-archive", "-o", str(multi),
+           "localhost/pm/alpha:1", "localhost/pm/beta:2")
+    oci = tmp_path / "oci.tar"
+    podman("save", "-q", "--format", "oci-archive", "-o", str(oci), "localhost/pm/beta:2")
+    for path in (multi, oci):
+        result = cli("import", str(path))
+        assert result.code == 0, result.err
+        ctr(ctd, "ctr", "images", "import", str(path))
+    tags = cri_by_tag(client)
+    assert set(tags) == {"localhost/pm/alpha:1", "localhost/pm/beta:2"}
+    with Containerd(ctd.address, namespace="ctr") as theirs:
+        ctr_configs = {}
+        for rec in theirs.list_images():
+            manifest = layout.parse_manifest(theirs.read_blob(rec.target.digest, 1 << 20), "m")
+            ctr_configs[rec.name] = manifest.config.digest
+    assert tags["localhost/pm/alpha:1"] == ctr_configs["localhost/pm/alpha:1"]
+    for config in tags.values():
+        assert_unpacked(client, config)
+    assert_no_leases(client)
+
+
+def test_skopeo_zstd_layers_and_umoci_layout(
+    client: Containerd, cli, podman: Podman, tmp_path: Path
+) -> None:
+    """Archives from skopeo (zstd-compressed layers) and umoci (bare tag + --base-name) import and unpack."""
+    podman.build("localhost/sk/zed:1", {"z": b"zstd layer\n" * 1000})
+    src = tmp_path / "src.tar"
+    podman("save", "-q", "--format", "oci-archive", "-o", str(src), "localhost/sk/zed:1")
+    zst = tmp_path / "zstd-layers.tar"
+    subprocess.run(
+        ["skopeo", "copy", "-q", "--dest-compress-format", "zstd", "--dest-compress",
+         f"oci-archive:{src}", f"oci-archive:{zst}:localhost/sk/zed:1"],
+        check=True, capture_output=True,
+    )
+    result = cli("import", str(zst))
+    assert result.code == 0, result.err
+
+    layout_dir = tmp_path / "umoci"
+    bundle = tmp_path / "bundle"
+    for cmd in (
+        ["umoci", "init", "--layout", str(layout_dir)],
+        ["umoci", "new", "--image", f"{layout_dir}:v1"],
+        ["umoci", "unpack", "--image", f"{layout_dir}:v1", str(bundle)],
+    ):
+        subprocess.run(cmd, check=True, capture_output=True)
+    (bundle / "rootfs" / "hello").write_text("from umoci\n")
+    subprocess.run(["umoci", "repack", "--image", f"{layout_dir}:v1", str(bundle)],
+                   check=True, capture_output=True)
+    umoci_tar = tmp_path / "umoci.tar"
+    with tarfile.open(umoci_tar, "w") as tar:
+        tar.add(layout_dir, arcname=".")
+    bare = cli("import", str(umoci_tar))
+    assert bare.code == 1 and "no named image" in bare.err
+    result = cli("import", "--base-name", "example.org/umoci/img", str(umoci_tar))
+    assert result.code == 0, result.err
+
+    tags = cri_by_tag(client)
+    assert {"localhost/sk/zed:1", "example.org/umoci/img:v1"} <= set(tags)
+    for config in tags.values():
+        assert_unpacked(client, config)
+
+
+def _multi_platform(node: Platform, other: Platform) -> samples.SampleImage:
+    return samples.SampleImage(
+        "multi:1",
+        (
+            samples.Variant(node, (samples.Layer({"arch": str(node).encode()}, "gzip"),)),
+            samples.Variant(other, (samples.Layer({"arch": str(other).encode()}, "gzip"),)),
+        ),
+    )
+
+
+def _config_platforms(client: Containerd) -> set[str]:
+    found = set()
+    for blob_digest in _all_digests(client):
+        data = client.read_blob(blob_digest, 1 << 20)
+        if b'"rootfs"' in data:
+            found.add(str(layout.parse_config(data, "c").platform))
+    return found
+
+
+def _all_digests(client: Containerd) -> list[str]:
+    rec = client.get_image("docker.io/library/multi:1")
+    assert rec is not None
+    index = layout.parse_index(client.read_blob(rec.target.digest, 1 << 20))
+    out = []
+    for m in index:
+        if client.blob_info(m.digest):
+            manifest = layout.parse_manifest(client.read_blob(m.digest, 1 << 20), "m")
+            out.append(manifest.config.digest)
+    return out
+
+
+def test_multi_platform_imports_node_platform_by_default(
+    cli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
+) -> None:
+    """A multi-arch archive loads only this node's platform unless asked otherwise."""
+    path = _write(tmp_path / "multi.tar", samples.oci_archive([_multi_platform(node, other_platform)]))
+    assert cli("import", str(path)).code == 0
+    assert _config_platforms(client) == {str(node)}
+    assert "docker.io/library/multi:1" in cri_by_tag(client)
+
+
+def test_platform_flag_and_all_platforms(
+    cli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
+) -> None:
+    """--platform picks another platform; --all-platforms imports every one present."""
+    path = _write(tmp_path / "multi.tar", samples.oci_archive([_multi_platform(node, other_platform)]))
+    assert cli("import", "--platform", str(other_platform), str(path)).code == 0
+    assert _config_platforms(client) == {str(other_platform)}
+    assert cli("import", "--all-platforms", str(path)).code == 0
+    assert _config_platforms(client) == {str(node), str(other_platform)}
+
+
+def test_archive_without_other_platforms_blobs(
+    cli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
+) -> None:
+    """Archives that omit other platforms' blobs (ctr export, k3s #10132) import the node's platform."""
+    full = samples.oci_archive([_multi_platform(node, other_platform)])
+    src = tarfile.open(fileobj=__import__("io").BytesIO(full))
+    keep = []
+    other_blobs = _blobs_of_platform(src, other_platform)
+    for member in src.getmembers():
+        if member.name.rsplit("/", 1)[-1] in other_blobs:
+            continue
+        keep.append((member.name, src.extractfile(member).read()))  # type: ignore[union-attr]
+    path = _write(tmp_path / "partial.tar", samples.archive_bytes(keep))
+    result = cli("import", str(path))
+    assert result.code == 0, result.err
+    assert "docker.io/library/multi:1" in cri_by_tag(client)
+    other = cli("import", "--platform", str(other_platform), str(path))
+    assert other.code == 1
+    assert "missing" in other.err or "no image" in other.err
+
+
+def _blobs_of_platform(tar: tarfile.TarFile, plat: Platform) -> set[str]:
+    blobs = {m.name.rsplit("/", 1)[-1]: tar.extractfile(m).read()  # type: ignore[union-attr]
+             for m in tar.getmembers() if m.name.startswith("blobs/")}
+    out = set()
+    for data in blobs.values():
+        doc = json.loads(data) if data.startswith(b"{") else None
+        if isinstance(doc, dict) and "manifests" in doc:
+            for m in doc["manifests"]:
+                if m.get("platform", {}).get("architecture") == plat.architecture:
+                    hexd = m["digest"][7:]
+                    manifest = json.loads(blobs[hexd])
+                    out.add(hexd)
+                    out.add(manifest["config"]["digest"][7:])
+                    out.update(layer["digest"][7:] for layer in manifest["layers"])
+    return out
+
+
+def test_oci_wins_over_docker_manifest(cli, client: Containerd, node: Platform, tmp_path: Path) -> None:
+    """Docker >= 25 archives carry both layouts; the OCI index decides the names."""
+    oci = samples.oci_archive([samples.simple_image("both:oci", {"f": b"1"}, node)])
+    src = tarfile.open(fileobj=__import__("io").BytesIO(oci))
+    entries = [(m.name, src.extractfile(m).read()) for m in src.getmembers()]  # type: ignore[union-attr]
+    docker_manifest = json.dumps([{"Config": "missing.json", "RepoTags": ["both:docker"],
+                                   "Layers": []}]).encode()
+    path = _write(tmp_path / "both.tar", samples.archive_bytes([*entries, ("manifest.json", docker_manifest)]))
+    result = cli("import", str(path))
+    assert result.code == 0, result.err
+    assert set(cri_by_tag(client)) == {"docker.io/library/both:oci"}
+
+
+def test_reimport_is_idempotent_and_moves_tags(
+    cli, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """Importing again changes nothing and writes no blob; a new archive with the same tag moves it."""
+    v1 = _write(tmp_path / "v1.tar.zst", samples.oci_archive(
+        [samples.simple_image("app:stable", {"v": b"1"}, node)]), "zstd")
+    first = cli("import", str(v1))
+    assert first.code == 0
+    again = cli("import", str(v1))
+    assert again.code == 0
+    assert "unchanged docker.io/library/app:stable" in again.out
+    assert "0 blob(s) written" in again.out
+    before = cri_by_tag(client)["docker.io/library/app:stable"]
+
+    v2 = _write(tmp_path / "v2.tar", samples.oci_archive(
+        [samples.simple_image("app:stable", {"v": b"2"}, node)]))
+    moved = cli("import", str(v2))
+    assert moved.code == 0
+    assert "updated docker.io/library/app:stable" in moved.out
+    after = cri_by_tag(client)["docker.io/library/app:stable"]
+    assert after != before
+    assert_unpacked(client, after)
+
+
+def test_no_unpack_leaves_snapshotter_alone(cli, client: Containerd, node: Platform, tmp_path: Path) -> None:
+    """--no-unpack imports content and records only."""
+    path = _write(tmp_path / "a.tar", samples.oci_archive([samples.simple_image("lazy:1", {"x": b"x"}, node)]))
+    result = cli("import", "--no-unpack", str(path))
+    assert result.code == 0
+    config = cri_by_tag(client)["docker.io/library/lazy:1"]
+    data = layout.parse_config(client.read_blob(config, 1 << 20), "c")
+    assert not client.snapshot_exists("overlayfs", layout.chain_ids(data.diff_ids)[-1])
+
+
+def test_images_command_lists_cri_view(cli, client: Containerd, node: Platform, tmp_path: Path) -> None:
+    """`image-agent images -o json` shows tags, digests, id, size and pinning from the CRI."""
+    path = _write(tmp_path / "a.tar", samples.oci_archive([samples.simple_image("listed:3", {"x": b"x"}, node)]))
+    assert cli("import", str(path)).code == 0
+    result = cli("images", "-o", "json")
+    assert result.code == 0, result.err
+    (row,) = json.loads(result.out)
+    assert row["tags"] == ["docker.io/library/listed:3"]
+    assert row["digests"][0].startswith("docker.io/library/listed@sha256:")
+    assert row["pinned"] is True
+    assert row["size"] > 0
+    table = cli("images")
+    assert "docker.io/library/listed:3" in table.out and "yes" in table.out
