@@ -16,6 +16,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TypedDict
 
 from agent import __version__, config, logs, platforms, report
 from agent.containerd.client import Containerd, CriImage, default_address
@@ -162,12 +163,18 @@ def print_import(result: ImportResult) -> None:
     )
 
 
-def image_rows(client: Containerd) -> list[dict[str, object]]:
+class ImageRow(TypedDict):
+    tags: list[str]
+    digests: list[str]
+    id: str
+    size: int
+    pinned: bool
+
+
+def image_rows(client: Containerd) -> list[ImageRow]:
     """CRI's image list, with pinning read from the image records where CRI does not report it."""
-    pinned_names = {
-        r.name for r in client.list_images() if r.labels.get(PINNED_LABEL) == "pinned"
-    }
-    rows = []
+    pinned_names = {r.name for r in client.list_images() if r.labels.get(PINNED_LABEL) == "pinned"}
+    rows: list[ImageRow] = []
     images: list[CriImage] = sorted(client.cri_images(), key=lambda i: (i.repo_tags, i.id))
     for img in images:
         names = set(img.repo_tags) | set(img.repo_digests)
@@ -198,8 +205,13 @@ def cmd_images(args: argparse.Namespace) -> int:
         digest = str(digests[0]).rpartition("@")[2][:19]
         for tag in tags:
             table_rows.append(
-                [str(tag), digest, str(row["id"])[7:20], report.human_bytes(int(str(row["size"]))),
-                 "yes" if row["pinned"] else "no"]
+                [
+                    str(tag),
+                    digest,
+                    str(row["id"])[7:20],
+                    report.human_bytes(int(str(row["size"]))),
+                    "yes" if row["pinned"] else "no",
+                ]
             )
     print(report.table(["IMAGE", "DIGEST", "ID", "SIZE", "PINNED"], table_rows))
     return EXIT_OK
@@ -235,8 +247,10 @@ def cmd_demo(args: argparse.Namespace, stop: threading.Event) -> int:
             print(f"$ image-agent images --address {ctd.address}")
             rows = image_rows(client)
         for row in rows:
-            print(f"  {', '.join(map(str, row['tags']))}  {str(row['id'])[:19]}  "
-                  f"pinned={row['pinned']}")
+            print(
+                f"  {', '.join(map(str, row['tags']))}  {str(row['id'])[:19]}  "
+                f"pinned={row['pinned']}"
+            )
         if not rows:
             raise AgentError("the CRI lists no image after the import")
         return EXIT_OK

@@ -85,11 +85,10 @@ def resolve(cls: type[C], args: argparse.Namespace, env: Mapping[str, str] = os.
             raw = env.get(f.metadata["env"])
         if raw is None or raw == "":
             continue
-        kind = type(f.default)
+        kind: type[Any] = type(f.default)
         try:
             values[f.name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
         except ValueError:
-            raise UsageError(
-                f"{f.metadata['flag']} / {f.metadata['env']}: {raw!r} is not a valid {kind.__name__}"
-            ) from None
+            where = f"{f.metadata['flag']} / {f.metadata['env']}"
+            raise UsageError(f"{where}: {raw!r} is not a valid {kind.__name__}") from None
     return cls(**values)

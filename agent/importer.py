@@ -11,6 +11,7 @@ image record and lets containerd collect what it wrote.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -133,7 +134,7 @@ class Importer:
     def import_file(self, path: str) -> ImportResult:
         """Import one archive file. Raises ArchiveError (naming the file) or ContainerdError."""
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
+            f = open(path, "rb")
         except OSError as err:
             raise ArchiveError(err.strerror or str(err), file=path) from None
         with f:
@@ -155,10 +156,9 @@ class Importer:
             session.rollback()
             raise
         finally:
-            try:
+            # If containerd is gone, the lease expires by itself.
+            with contextlib.suppress(ContainerdError):
                 self.client.delete_lease(lease)
-            except ContainerdError:
-                pass  # containerd is gone; the lease expires by itself
         result.duration_s = time.monotonic() - started
         return result
 
@@ -261,10 +261,10 @@ class _Session:
             raise ArchiveError(f"{name}: content does not match its digest {expected}")
         self.by_path[name] = (digest, len(body))
         self.compression.setdefault(digest, detect(body[:8]))
-        if body.startswith(b"{") and self.cached_bytes + len(body) <= CACHE_BUDGET:
-            if digest not in self.cache:
-                self.cache[digest] = body
-                self.cached_bytes += len(body)
+        fits = self.cached_bytes + len(body) <= CACHE_BUDGET
+        if body.startswith(b"{") and fits and digest not in self.cache:
+            self.cache[digest] = body
+            self.cached_bytes += len(body)
         if not self._known(digest):
             self.client.write_blob([body], lease=self.lease, total=len(body), expected=digest)
             self.present.add(digest)
@@ -345,9 +345,8 @@ class _Session:
                     "org.opencontainers.image.ref.name or RepoTags)"
                 )
             wanted = ", ".join(str(p) for p in self.options.platforms or ())
-            raise PlatformMismatch(
-                f"no image for platform {wanted} in archive{' (has ' + ', '.join(seen) + ')' if seen else ''}"
-            )
+            has = f" (it has {', '.join(seen)})" if seen else ""
+            raise PlatformMismatch(f"no image for platform {wanted} in archive{has}")
         return named
 
     def _resolve_oci(self) -> list[_Image]:
@@ -544,10 +543,8 @@ class _Session:
     def rollback(self) -> None:
         """Remove image records this import created before it failed."""
         for name in self.created:
-            try:
+            with contextlib.suppress(ContainerdError):
                 self.client.delete_image(name)
-            except ContainerdError:
-                pass
 
 
 def _media_type_of(data: bytes) -> str:

@@ -22,8 +22,10 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [headers, *rows]]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in [headers, *rows]
+    ]
     return "\n".join(lines)
 
 
@@ -40,9 +42,7 @@ class ProgressLine:
             return
         rate = p.done / p.elapsed_s / 1e6 if p.elapsed_s > 0 else 0.0
         pct = f" ({100 * p.done / p.total:.0f}%)" if p.total else ""
-        self.stream.write(
-            f"\r{p.file}: {human_bytes(p.done)}{pct} {rate:.1f} MB/s   "
-        )
+        self.stream.write(f"\r{p.file}: {human_bytes(p.done)}{pct} {rate:.1f} MB/s   ")
         self.stream.flush()
         self.shown = True
 

@@ -148,8 +148,12 @@ def oci_archive(
             if p.variant:
                 plat["variant"] = p.variant
             descs.append(
-                {"mediaType": layout.OCI_MANIFEST, "digest": d.digest, "size": d.size,
-                 "platform": plat}
+                {
+                    "mediaType": layout.OCI_MANIFEST,
+                    "digest": d.digest,
+                    "size": d.size,
+                    "platform": plat,
+                }
             )
         if len(descs) == 1:
             top = dict(descs[0])
@@ -194,15 +198,22 @@ def docker_archive(images: Iterable[SampleImage], *, legacy_names: bool = False)
             digest = layout.sha256(data)
             diff_ids.append(layout.sha256(layer.tar()))
             hexd = digest.removeprefix("sha256:")
-            path = f"{layout.sha256(f'{n}/{i}'.encode())[7:]}/layer.tar" if legacy_names else f"{hexd}.tar"
+            path = (
+                f"{layout.sha256(f'{n}/{i}'.encode())[7:]}/layer.tar"
+                if legacy_names
+                else f"{hexd}.tar"
+            )
             files[path] = data
             layer_paths.append(path)
         config = config_bytes(variant.platform, diff_ids)
         config_path = f"{layout.sha256(config)[7:]}.json"
         files[config_path] = config
         manifest.append(
-            {"Config": config_path, "RepoTags": [image.name] if image.name else [],
-             "Layers": layer_paths}
+            {
+                "Config": config_path,
+                "RepoTags": [image.name] if image.name else [],
+                "Layers": layer_paths,
+            }
         )
     entries = sorted(files.items())
     entries.append(("manifest.json", json.dumps(manifest).encode()))

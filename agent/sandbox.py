@@ -103,7 +103,7 @@ class PrivateContainerd:
         sock = Path(self.address)
         if sock.exists():
             sock.unlink()
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [self.binary, "--config", str(config)],
             stdout=log,

@@ -48,7 +48,9 @@ def node() -> Platform:
 
 @pytest.fixture
 def other_platform(node: Platform) -> Platform:
-    return Platform("linux", "arm64") if node.architecture != "arm64" else Platform("linux", "amd64")
+    return (
+        Platform("linux", "arm64") if node.architecture != "arm64" else Platform("linux", "amd64")
+    )
 
 
 @dataclass
@@ -86,11 +88,16 @@ class Podman:
     def __call__(self, *args: str) -> str:
         cmd = [
             "podman",
-            "--root", str(self.root / "storage"),
-            "--runroot", str(self.root / "run"),
-            "--storage-driver", "vfs",
-            "--cgroup-manager", "cgroupfs",
-            "--events-backend", "none",
+            "--root",
+            str(self.root / "storage"),
+            "--runroot",
+            str(self.root / "run"),
+            "--storage-driver",
+            "vfs",
+            "--cgroup-manager",
+            "cgroupfs",
+            "--events-backend",
+            "none",
             *args,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -123,7 +130,9 @@ def podman() -> Iterator[Podman]:
 def ctr(ctd: PrivateContainerd, namespace: str, *args: str) -> str:
     proc = subprocess.run(
         ["ctr", "-a", ctd.address, "-n", namespace, *args],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if proc.returncode != 0:
         raise AssertionError(f"ctr {' '.join(args)} failed: {proc.stderr}")

@@ -49,7 +49,12 @@ def _cli_compress(path: Path, tool: list[str], out: Path) -> Path:
     ],
 )
 def test_oci_archive_any_compression_is_listed_unpacked_and_pinned(
-    cli, client: Containerd, node: Platform, tmp_path: Path, suffix: str, compressor: list[str] | None
+    cli,
+    client: Containerd,
+    node: Platform,
+    tmp_path: Path,
+    suffix: str,
+    compressor: list[str] | None,
 ) -> None:
     """An operator's archive, whatever its outer compression, shows up in crictl, unpacked and pinned."""
     image = samples.simple_image("web:1.0", {"index.html": b"<h1>hi</h1>\n"}, node, "gzip")
@@ -82,12 +87,18 @@ def test_docker_archive_matches_ctr_import(
     images = [
         samples.SampleImage(
             "app:1",
-            (samples.Variant(node, (samples.Layer({"a": b"A" * 3000}), samples.Layer({"b": b"B"}))),),
+            (
+                samples.Variant(
+                    node, (samples.Layer({"a": b"A" * 3000}), samples.Layer({"b": b"B"}))
+                ),
+            ),
         ),
         samples.simple_image("registry.example:5000/team/tool:v2", {"t": b"tool"}, node),
     ]
     for legacy in (False, True):
-        path = _write(tmp_path / f"d{legacy}.tar", samples.docker_archive(images, legacy_names=legacy))
+        path = _write(
+            tmp_path / f"d{legacy}.tar", samples.docker_archive(images, legacy_names=legacy)
+        )
         result = cli("import", str(path))
         assert result.code == 0, result.err
         ctr(ctd, f"ctr{legacy:d}", "images", "import", str(path))
@@ -106,8 +117,15 @@ def test_podman_archives_match_ctr(
     podman.build("localhost/pm/alpha:1", {"alpha": b"alpha\n" * 100})
     podman.build("localhost/pm/beta:2", {"beta": b"beta\n", "etc/conf": b"x=1\n"})
     multi = tmp_path / "multi.tar"
-    podman("save", "-q", "--multi-image-archive", "-o", str(multi),
-           "localhost/pm/alpha:1", "localhost/pm/beta:2")
+    podman(
+        "save",
+        "-q",
+        "--multi-image-archive",
+        "-o",
+        str(multi),
+        "localhost/pm/alpha:1",
+        "localhost/pm/beta:2",
+    )
     oci = tmp_path / "oci.tar"
     podman("save", "-q", "--format", "oci-archive", "-o", str(oci), "localhost/pm/beta:2")
     for path in (multi, oci):
@@ -136,9 +154,18 @@ def test_skopeo_zstd_layers_and_umoci_layout(
     podman("save", "-q", "--format", "oci-archive", "-o", str(src), "localhost/sk/zed:1")
     zst = tmp_path / "zstd-layers.tar"
     subprocess.run(
-        ["skopeo", "copy", "-q", "--dest-compress-format", "zstd", "--dest-compress",
-         f"oci-archive:{src}", f"oci-archive:{zst}:localhost/sk/zed:1"],
-        check=True, capture_output=True,
+        [
+            "skopeo",
+            "copy",
+            "-q",
+            "--dest-compress-format",
+            "zstd",
+            "--dest-compress",
+            f"oci-archive:{src}",
+            f"oci-archive:{zst}:localhost/sk/zed:1",
+        ],
+        check=True,
+        capture_output=True,
     )
     result = cli("import", str(zst))
     assert result.code == 0, result.err
@@ -152,8 +179,11 @@ def test_skopeo_zstd_layers_and_umoci_layout(
     ):
         subprocess.run(cmd, check=True, capture_output=True)
     (bundle / "rootfs" / "hello").write_text("from umoci\n")
-    subprocess.run(["umoci", "repack", "--image", f"{layout_dir}:v1", str(bundle)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["umoci", "repack", "--image", f"{layout_dir}:v1", str(bundle)],
+        check=True,
+        capture_output=True,
+    )
     umoci_tar = tmp_path / "umoci.tar"
     with tarfile.open(umoci_tar, "w") as tar:
         tar.add(layout_dir, arcname=".")
@@ -203,7 +233,9 @@ def test_multi_platform_imports_node_platform_by_default(
     cli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
 ) -> None:
     """A multi-arch archive loads only this node's platform unless asked otherwise."""
-    path = _write(tmp_path / "multi.tar", samples.oci_archive([_multi_platform(node, other_platform)]))
+    path = _write(
+        tmp_path / "multi.tar", samples.oci_archive([_multi_platform(node, other_platform)])
+    )
     assert cli("import", str(path)).code == 0
     assert _config_platforms(client) == {str(node)}
     assert "docker.io/library/multi:1" in cri_by_tag(client)
@@ -213,7 +245,9 @@ def test_platform_flag_and_all_platforms(
     cli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
 ) -> None:
     """--platform picks another platform; --all-platforms imports every one present."""
-    path = _write(tmp_path / "multi.tar", samples.oci_archive([_multi_platform(node, other_platform)]))
+    path = _write(
+        tmp_path / "multi.tar", samples.oci_archive([_multi_platform(node, other_platform)])
+    )
     assert cli("import", "--platform", str(other_platform), str(path)).code == 0
     assert _config_platforms(client) == {str(other_platform)}
     assert cli("import", "--all-platforms", str(path)).code == 0
@@ -242,8 +276,11 @@ def test_archive_without_other_platforms_blobs(
 
 
 def _blobs_of_platform(tar: tarfile.TarFile, plat: Platform) -> set[str]:
-    blobs = {m.name.rsplit("/", 1)[-1]: tar.extractfile(m).read()  # type: ignore[union-attr]
-             for m in tar.getmembers() if m.name.startswith("blobs/")}
+    blobs = {
+        m.name.rsplit("/", 1)[-1]: tar.extractfile(m).read()  # type: ignore[union-attr]
+        for m in tar.getmembers()
+        if m.name.startswith("blobs/")
+    }
     out = set()
     for data in blobs.values():
         doc = json.loads(data) if data.startswith(b"{") else None
@@ -258,14 +295,19 @@ def _blobs_of_platform(tar: tarfile.TarFile, plat: Platform) -> set[str]:
     return out
 
 
-def test_oci_wins_over_docker_manifest(cli, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_oci_wins_over_docker_manifest(
+    cli, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """Docker >= 25 archives carry both layouts; the OCI index decides the names."""
     oci = samples.oci_archive([samples.simple_image("both:oci", {"f": b"1"}, node)])
     src = tarfile.open(fileobj=__import__("io").BytesIO(oci))
     entries = [(m.name, src.extractfile(m).read()) for m in src.getmembers()]  # type: ignore[union-attr]
-    docker_manifest = json.dumps([{"Config": "missing.json", "RepoTags": ["both:docker"],
-                                   "Layers": []}]).encode()
-    path = _write(tmp_path / "both.tar", samples.archive_bytes([*entries, ("manifest.json", docker_manifest)]))
+    docker_manifest = json.dumps(
+        [{"Config": "missing.json", "RepoTags": ["both:docker"], "Layers": []}]
+    ).encode()
+    path = _write(
+        tmp_path / "both.tar", samples.archive_bytes([*entries, ("manifest.json", docker_manifest)])
+    )
     result = cli("import", str(path))
     assert result.code == 0, result.err
     assert set(cri_by_tag(client)) == {"docker.io/library/both:oci"}
@@ -275,8 +317,11 @@ def test_reimport_is_idempotent_and_moves_tags(
     cli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """Importing again changes nothing and writes no blob; a new archive with the same tag moves it."""
-    v1 = _write(tmp_path / "v1.tar.zst", samples.oci_archive(
-        [samples.simple_image("app:stable", {"v": b"1"}, node)]), "zstd")
+    v1 = _write(
+        tmp_path / "v1.tar.zst",
+        samples.oci_archive([samples.simple_image("app:stable", {"v": b"1"}, node)]),
+        "zstd",
+    )
     first = cli("import", str(v1))
     assert first.code == 0
     again = cli("import", str(v1))
@@ -285,8 +330,10 @@ def test_reimport_is_idempotent_and_moves_tags(
     assert "0 blob(s) written" in again.out
     before = cri_by_tag(client)["docker.io/library/app:stable"]
 
-    v2 = _write(tmp_path / "v2.tar", samples.oci_archive(
-        [samples.simple_image("app:stable", {"v": b"2"}, node)]))
+    v2 = _write(
+        tmp_path / "v2.tar",
+        samples.oci_archive([samples.simple_image("app:stable", {"v": b"2"}, node)]),
+    )
     moved = cli("import", str(v2))
     assert moved.code == 0
     assert "updated docker.io/library/app:stable" in moved.out
@@ -295,9 +342,13 @@ def test_reimport_is_idempotent_and_moves_tags(
     assert_unpacked(client, after)
 
 
-def test_no_unpack_leaves_snapshotter_alone(cli, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_no_unpack_leaves_snapshotter_alone(
+    cli, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """--no-unpack imports content and records only."""
-    path = _write(tmp_path / "a.tar", samples.oci_archive([samples.simple_image("lazy:1", {"x": b"x"}, node)]))
+    path = _write(
+        tmp_path / "a.tar", samples.oci_archive([samples.simple_image("lazy:1", {"x": b"x"}, node)])
+    )
     result = cli("import", "--no-unpack", str(path))
     assert result.code == 0
     config = cri_by_tag(client)["docker.io/library/lazy:1"]
@@ -305,9 +356,14 @@ def test_no_unpack_leaves_snapshotter_alone(cli, client: Containerd, node: Platf
     assert not client.snapshot_exists("overlayfs", layout.chain_ids(data.diff_ids)[-1])
 
 
-def test_images_command_lists_cri_view(cli, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_images_command_lists_cri_view(
+    cli, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """`image-agent images -o json` shows tags, digests, id, size and pinning from the CRI."""
-    path = _write(tmp_path / "a.tar", samples.oci_archive([samples.simple_image("listed:3", {"x": b"x"}, node)]))
+    path = _write(
+        tmp_path / "a.tar",
+        samples.oci_archive([samples.simple_image("listed:3", {"x": b"x"}, node)]),
+    )
     assert cli("import", str(path)).code == 0
     result = cli("images", "-o", "json")
     assert result.code == 0, result.err

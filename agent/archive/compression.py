@@ -5,7 +5,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import io
-from enum import Enum
+from enum import StrEnum
 from typing import BinaryIO
 
 import lz4.frame
@@ -15,7 +15,7 @@ import zstandard
 ZSTD_MAX_WINDOW = 1 << 31
 
 
-class Compression(str, Enum):
+class Compression(StrEnum):
     NONE = "none"
     GZIP = "gzip"
     ZSTD = "zstd"
@@ -67,16 +67,16 @@ def open_stream(raw: BinaryIO) -> tuple[Compression, BinaryIO]:
     """
     head = raw.read(8)
     kind = detect(head)
-    source: BinaryIO = io.BufferedReader(_Prefixed(head, raw), buffer_size=1 << 20)  # type: ignore[arg-type]
+    source: BinaryIO = io.BufferedReader(_Prefixed(head, raw), buffer_size=1 << 20)
     if kind is Compression.GZIP:
         return kind, gzip.GzipFile(fileobj=source, mode="rb")  # type: ignore[return-value]
     if kind is Compression.ZSTD:
         reader = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).stream_reader(
             source, read_size=1 << 20, read_across_frames=True
         )
-        return kind, reader  # type: ignore[return-value]
+        return kind, reader
     if kind is Compression.BZIP2:
         return kind, bz2.BZ2File(source, mode="rb")  # type: ignore[return-value]
     if kind is Compression.LZ4:
-        return kind, lz4.frame.LZ4FrameFile(source, mode="rb")  # type: ignore[no-any-return]
+        return kind, lz4.frame.LZ4FrameFile(source, mode="rb")
     return kind, source

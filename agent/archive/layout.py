@@ -171,7 +171,7 @@ def parse_manifest(data: bytes, what: str) -> Manifest:
     if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
         raise ArchiveError(f"{what} is not an image manifest")
     config = _descriptor(doc.get("config"), f"{what} config")
-    layers = tuple(_descriptor(l, f"{what} layers[{i}]") for i, l in enumerate(doc["layers"]))
+    layers = tuple(_descriptor(item, f"{what} layers[{i}]") for i, item in enumerate(doc["layers"]))
     media_type = doc.get("mediaType") or OCI_MANIFEST
     return Manifest(str(media_type), config, layers)
 

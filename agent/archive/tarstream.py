@@ -13,7 +13,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import IO, BinaryIO, Protocol
 
 import zstandard
 
@@ -61,21 +61,23 @@ def safe_name(name: str, *, what: str = "tar entry") -> str:
 def describe_damage(err: BaseException, compression: Compression) -> str:
     """A one-line reason for a decompression or tar error."""
     text = str(err) or type(err).__name__
-    if isinstance(err, EOFError) or "unexpected end" in text.lower() or "truncated" in text:
+    lowered = text.lower()
+    if isinstance(err, EOFError) or "unexpected end" in lowered or "truncated" in lowered:
         return "archive is truncated (unexpected end of data)"
-    if isinstance(err, tarfile.ReadError):
-        if "empty file" in text:
-            return "archive is empty"
-        return f"not a tar archive ({text})"
-    if compression is not Compression.NONE:
-        return f"corrupt {compression.value} data ({text})"
-    return f"unreadable archive ({text})"
+    if compression is Compression.NONE:
+        if isinstance(err, tarfile.ReadError):
+            return f"not a tar archive ({text})"
+        return f"unreadable archive ({text})"
+    if isinstance(err, tarfile.ReadError) and "zlib" not in lowered:
+        # Decompressed fine so far, but what came out is no tar header.
+        return f"corrupt {compression.value} data, or no tar archive inside ({text})"
+    return f"corrupt {compression.value} data ({text})"
 
 
 class _Guarded:
     """A member reader whose damage errors become :class:`ArchiveError`."""
 
-    def __init__(self, data: BinaryIO, compression: Compression) -> None:
+    def __init__(self, data: IO[bytes], compression: Compression) -> None:
         self._data = data
         self._compression = compression
 
@@ -100,7 +102,7 @@ def walk(raw: BinaryIO) -> Iterator[tuple[Member, Reader | None]]:
         count = 0
         for info in tar:
             count += 1
-            tar.members = []  # stream mode would keep every header in memory
+            tar.members = []  # type: ignore[attr-defined]  # stream mode would keep every header in memory
             name = safe_name(info.name)
             if info.isreg():
                 data = tar.extractfile(info)

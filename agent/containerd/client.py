@@ -335,14 +335,12 @@ class Containerd:
         )
 
     def remove_snapshot(self, snapshotter: str, key: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):
             self._call(
                 self._snapshots.Remove,
                 snapshots_pb2.RemoveSnapshotRequest(snapshotter=snapshotter, key=key),
                 f"remove snapshot {key}",
             )
-        except NotFound:
-            pass
 
     def apply(
         self, media_type: str, digest: str, size: int, mounts: list[mount_pb2.Mount], *, lease: str
@@ -417,12 +415,10 @@ class Containerd:
         return "updated"
 
     def delete_image(self, name: str) -> None:
-        try:
+        with contextlib.suppress(NotFound):
             self._call(
                 self._images.Delete, images_pb2.DeleteImageRequest(name=name), f"delete {name}"
             )
-        except NotFound:
-            pass
 
     # -- CRI ------------------------------------------------------------------
 

@@ -1,0 +1,113 @@
+"""Archive metadata, compression detection and platforms (pure)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+
+import pytest
+
+from agent import platforms, samples
+from agent.archive import layout
+from agent.archive.compression import Compression, detect
+from agent.archive.tarstream import safe_name, walk
+from agent.errors import ArchiveError
+from agent.platforms import Platform
+
+
+def test_chain_ids_follow_the_oci_definition() -> None:
+    """ChainID(n) = sha256(ChainID(n-1) + ' ' + DiffID(n)): the snapshot names containerd uses."""
+    d = ["sha256:" + c * 64 for c in "abc"]
+    chain = layout.chain_ids(tuple(d))
+    assert chain[0] == d[0]
+    assert chain[1] == "sha256:" + hashlib.sha256(f"{d[0]} {d[1]}".encode()).hexdigest()
+    assert chain[2] == "sha256:" + hashlib.sha256(f"{chain[1]} {d[2]}".encode()).hexdigest()
+
+
+def test_synthesized_docker_manifest_is_what_ctr_writes() -> None:
+    """Compact JSON in Go field order, docker media types, so digests agree with ctr import."""
+    config = layout.Descriptor("", "sha256:" + "1" * 64, 10)
+    layer = layout.Descriptor("", "sha256:" + "2" * 64, 20)
+    media_type, body = layout.synthesize_manifest(config, [(layer, Compression.NONE)])
+    assert media_type == layout.DOCKER_MANIFEST
+    assert body == (
+        b'{"schemaVersion":2,"mediaType":"application/vnd.docker.distribution.manifest.v2+json",'
+        b'"config":{"mediaType":"application/vnd.docker.container.image.v1+json","digest":"sha256:'
+        + b"1"
+        * 64
+        + b'","size":10},"layers":[{"mediaType":'
+        b'"application/vnd.docker.image.rootfs.diff.tar","digest":"sha256:'
+        + b"2" * 64
+        + b'","size":20}]}'
+    )
+    media_type, _ = layout.synthesize_manifest(config, [(layer, Compression.ZSTD)])
+    assert media_type == layout.OCI_MANIFEST
+
+
+@pytest.mark.parametrize(
+    ("head", "kind"),
+    [
+        (b"\x1f\x8b\x08", Compression.GZIP),
+        (b"\x28\xb5\x2f\xfd", Compression.ZSTD),
+        (b"BZh9", Compression.BZIP2),
+        (b"\x04\x22\x4d\x18", Compression.LZ4),
+        (b"blobs/", Compression.NONE),
+    ],
+)
+def test_detect(head: bytes, kind: Compression) -> None:
+    assert detect(head) is kind
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../x", "a/../../x", "blobs/../../x"])
+def test_unsafe_names_refused(name: str) -> None:
+    with pytest.raises(ArchiveError):
+        safe_name(name)
+
+
+def test_safe_names_cleaned() -> None:
+    assert safe_name("./blobs//sha256/ab") == "blobs/sha256/ab"
+
+
+def test_walk_streams_members_of_compressed_tar() -> None:
+    """The tar walk sees every member of a zstd-compressed archive in order."""
+    data = samples.archive_bytes([("a", b"1"), ("b/c", b"22")])
+    members = [
+        (m.name, r.read() if r else None)
+        for m, r in walk(io.BytesIO(samples.compress(data, "zstd")))
+    ]
+    assert members == [("a", b"1"), ("b/c", b"22")]
+
+
+@pytest.mark.parametrize(
+    ("doc", "why"),
+    [
+        (b"{", "not valid JSON"),
+        (b'{"manifests": 3}', "no manifests list"),
+        (b'{"manifests": [{"digest": "md5:x", "size": 1}]}', "invalid digest"),
+        (b'{"manifests": [{"digest": "sha256:' + b"a" * 64 + b'", "size": -1}]}', "invalid size"),
+    ],
+)
+def test_bad_index(doc: bytes, why: str) -> None:
+    with pytest.raises(ArchiveError, match=why):
+        layout.parse_index(doc)
+
+
+def test_image_name_rules() -> None:
+    """io.containerd.image.name wins; a bare ref.name tag needs a base name."""
+    d = "sha256:" + "a" * 64
+    both = layout.Descriptor(
+        "", d, 1, {layout.ANNOTATION_IMAGE_NAME: "a:1", layout.ANNOTATION_REF_NAME: "b:2"}
+    )
+    assert layout.image_name(both) == "docker.io/library/a:1"
+    bare = layout.Descriptor("", d, 1, {layout.ANNOTATION_REF_NAME: "v1"})
+    assert layout.image_name(bare) is None
+    assert layout.image_name(bare, "quay.io/x/y") == "quay.io/x/y:v1"
+
+
+def test_platforms() -> None:
+    assert platforms.parse("arm64") == Platform("linux", "arm64")
+    assert platforms.parse("linux/arm64/v8").matches(Platform("linux", "arm64"))
+    assert platforms.parse("linux/x86_64") == Platform("linux", "amd64")
+    assert not platforms.parse("linux/arm/v6").matches(Platform("linux", "arm", "v7"))
+    with pytest.raises(ValueError):
+        platforms.parse("a/b/c/d")
