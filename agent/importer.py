@@ -26,6 +26,7 @@ from agent.archive.compression import Compression, detect
 from agent.archive.layout import Descriptor, ImageConfig, Manifest
 from agent.archive.tarstream import Member, Reader, walk
 from agent.containerd.client import Containerd
+from agent.eager import UNCOMPRESSED_LABEL, EagerUnpacker, looks_like_layer
 from agent.errors import AlreadyExists, ArchiveError, Cancelled, ContainerdError, PlatformMismatch
 from agent.platforms import Platform
 
@@ -36,7 +37,6 @@ CACHE_BUDGET = 16 << 20
 
 PINNED_LABEL = "io.cri-containerd.pinned"
 MANAGED_LABEL = "io.cri-containerd.image"
-UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 GC_CONTENT = "containerd.io/gc.ref.content"
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
 
@@ -187,17 +187,27 @@ class _Session:
         self.cached_bytes = 0
         self.created: list[str] = []
         self.last_progress = 0.0
+        self.eager: EagerUnpacker | None = None
 
     # -- pass 1: stream the tar -------------------------------------------------
 
     def run(self, raw: BinaryIO) -> ImportResult:
         self.reader = _CountingReader(raw)
-        for member, data in walk(self.reader):  # type: ignore[arg-type]
-            self._check_stop()
-            if member.kind == "link":
-                self.links[member.name] = member.link
-            elif data is not None:
-                self._ingest(member, data)
+        if self.options.unpack:
+            self.eager = EagerUnpacker(self.client, self.options.snapshotter, self.lease)
+        try:
+            for member, data in walk(self.reader):  # type: ignore[arg-type]
+                self._check_stop()
+                if member.kind == "link":
+                    self.links[member.name] = member.link
+                elif data is not None:
+                    self._ingest(member, data)
+        except BaseException:
+            if self.eager:
+                self.eager.finish(cancel=True)
+            raise
+        if self.eager:
+            self.eager.finish()
         self._report(force=True)
         self.result.bytes_read = self.reader.count
         images = self._resolve()
@@ -233,9 +243,9 @@ class _Session:
             self._store_small(name, digest, body)
             return
         if digest is not None and self._known(digest):
-            # Present already: only sniff the compression, skip the rest.
-            self.compression.setdefault(digest, detect(data.read(8)))
+            # Present already: only sniff the first bytes, skip the rest.
             self.by_path[name] = (digest, member.size)
+            self._sniffed(digest, member.size, data.read(512))
             return
         if member.size <= layout.MAX_JSON:
             body = _read_limited(data, layout.MAX_JSON, name)
@@ -260,7 +270,6 @@ class _Session:
         if expected is not None and layout.sha256(body) != expected:
             raise ArchiveError(f"{name}: content does not match its digest {expected}")
         self.by_path[name] = (digest, len(body))
-        self.compression.setdefault(digest, detect(body[:8]))
         fits = self.cached_bytes + len(body) <= CACHE_BUDGET
         if body.startswith(b"{") and fits and digest not in self.cache:
             self.cache[digest] = body
@@ -269,6 +278,16 @@ class _Session:
             self.client.write_blob([body], lease=self.lease, total=len(body), expected=digest)
             self.present.add(digest)
             self.result.blobs_written += 1
+        self._sniffed(digest, len(body), body[:512])
+        if self.eager and body.startswith(b"{") and b'"rootfs"' in body:
+            self.eager.image_boundary()
+
+    def _sniffed(self, digest: str, size: int, head: bytes) -> None:
+        """Record a blob's compression; hand layers to the eager unpacker."""
+        compression = detect(head)
+        self.compression.setdefault(digest, compression)
+        if self.eager and looks_like_layer(head, compression):
+            self.eager.layer(compression, digest, size)
 
     def _write(self, data: Reader, member: Member, *, expected: str) -> str:
         first = True
@@ -283,7 +302,7 @@ class _Session:
                     raise ArchiveError(f"{member.name}: archive is truncated")
                 if first:
                     first = False
-                    self._first_bytes = chunk[:8]
+                    self._first_bytes = chunk[:512]
                 remaining -= len(chunk)
                 yield chunk
                 self._report()
@@ -299,9 +318,9 @@ class _Session:
                     f"{member.name}: content does not match its digest or size ({err})"
                 ) from None
             raise
-        self.compression.setdefault(digest, detect(self._first_bytes))
         self.present.add(digest)
         self.result.blobs_written += 1
+        self._sniffed(digest, member.size, self._first_bytes)
         return digest
 
     # -- pass 2: resolve metadata into images ----------------------------------

@@ -1,0 +1,104 @@
+"""Unpacking layers while the archive is still streaming.
+
+Most archives store an image's layers in order (podman, skopeo, and archives
+written metadata-first), but the document that says so (manifest, config)
+often comes after them. So the layers are applied speculatively, on a
+worker thread, in the order they appear, each on top of the previous one.
+A snapshot is named by its ChainID, which follows from the actual layer
+contents, so a guess is either exactly right, and the authoritative unpack
+afterwards finds the snapshot and skips it, or names a chain nobody asks
+for, which the import's lease holds until containerd collects it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import uuid
+
+from agent.archive import layout
+from agent.archive.compression import Compression
+from agent.containerd.client import Containerd
+from agent.errors import AgentError
+
+UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
+
+
+def looks_like_layer(head: bytes, compression: Compression) -> bool:
+    """From a blob's first 512 bytes: a (compressed) tar, i.e. a layer."""
+    if compression in (Compression.GZIP, Compression.ZSTD):
+        return True
+    return compression is Compression.NONE and head[257:262] == b"ustar"
+
+
+class EagerUnpacker:
+    """Apply layers in arrival order on a worker thread; best effort."""
+
+    def __init__(self, client: Containerd, snapshotter: str, lease: str) -> None:
+        self.client = client
+        self.snapshotter = snapshotter
+        self.lease = lease
+        self.applied = 0
+        self.failed: str | None = None
+        self._parent = ""
+        self._queue: queue.SimpleQueue[tuple[Compression, str, int] | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="eager-unpack", daemon=True)
+        self._thread.start()
+
+    def layer(self, compression: Compression, digest: str, size: int) -> None:
+        """A layer blob is in the content store (just written, or there before)."""
+        self._queue.put((compression, digest, size))
+
+    def image_boundary(self) -> None:
+        """A config went by: the next layer most likely starts a new image."""
+        self._queue.put((Compression.NONE, "", 0))
+
+    def finish(self, *, cancel: bool = False) -> None:
+        """Wait for queued work (or abandon it) and end the worker."""
+        if cancel:
+            self._stop.set()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._stop.is_set() or self.failed:
+                continue
+            compression, digest, size = item
+            if not digest:
+                self._parent = ""
+                continue
+            try:
+                self._apply(compression, digest, size)
+            except AgentError as err:
+                # The authoritative unpack will meet (and report) the problem.
+                self.failed = str(err)
+
+    def _chain(self, diff_id: str) -> str:
+        return diff_id if not self._parent else layout.sha256(f"{self._parent} {diff_id}".encode())
+
+    def _apply(self, compression: Compression, digest: str, size: int) -> None:
+        diff_id = digest if compression is Compression.NONE else ""
+        if not diff_id:
+            info = self.client.blob_info(digest)
+            diff_id = info.labels.get(UNCOMPRESSED_LABEL, "") if info else ""
+        if diff_id and self.client.snapshot_exists(self.snapshotter, self._chain(diff_id)):
+            self._parent = self._chain(diff_id)
+            return
+        media_type = layout.layer_media_type(compression, docker=True)
+        key = f"image-agent-eager-{uuid.uuid4().hex}"
+        mounts = self.client.prepare(self.snapshotter, key, self._parent, lease=self.lease)
+        try:
+            chain_id = self._chain(
+                self.client.apply(media_type, digest, size, mounts, lease=self.lease)
+            )
+            if self.client.snapshot_exists(self.snapshotter, chain_id):
+                self.client.remove_snapshot(self.snapshotter, key)
+            else:
+                self.client.commit(self.snapshotter, chain_id, key, lease=self.lease)
+            self._parent = chain_id
+            self.applied += 1
+        except BaseException:
+            self.client.remove_snapshot(self.snapshotter, key)
+            raise

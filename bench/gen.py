@@ -1,0 +1,125 @@
+"""Deterministic large image archives for the benchmarks.
+
+``docker save`` shape (layers as ``<digest>.tar``, config, ``manifest.json``
+last), compressed as a whole with zstd, the way air-gap bundles are usually
+carried. Layers mix many small compressible files with large incompressible
+ones. Layer tars are staged in a work directory (the generator may use disk;
+the importer under test may not).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+import subprocess
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import platforms, samples
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    small_files: int  # count of ~4-12 KiB text-like files
+    big_files: int  # count of incompressible files
+    big_size: int  # bytes each
+
+
+# About 1.1 GB of layers in all.
+DEFAULT_LAYERS = (
+    LayerSpec(small_files=12000, big_files=2, big_size=16 * MiB),
+    LayerSpec(small_files=0, big_files=3, big_size=100 * MiB),
+    LayerSpec(small_files=8000, big_files=4, big_size=40 * MiB),
+    LayerSpec(small_files=0, big_files=1, big_size=300 * MiB),
+    LayerSpec(small_files=20000, big_files=5, big_size=20 * MiB),
+)
+
+_WORDS = [b"lorem", b"ipsum", b"dolor", b"sit", b"amet", b"elit", b"sed", b"do", b"tempor"]
+
+
+def _text(rng: random.Random, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        out += rng.choice(_WORDS) + (b"\n" if rng.random() < 0.1 else b" ")
+    return bytes(out[:size])
+
+
+def write_layer(path: Path, spec: LayerSpec, seed: int) -> tuple[str, int]:
+    """Write one layer tar; return its digest and size."""
+    rng = random.Random(seed)
+    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for i in range(spec.small_files):
+            data = _text(rng, rng.randint(4096, 12288))
+            info = tarfile.TarInfo(f"usr/share/l{seed}/d{i % 97}/f{i}.txt")
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+        for i in range(spec.big_files):
+            info = tarfile.TarInfo(f"opt/l{seed}/blob{i}.bin")
+            info.size, info.mtime, info.mode = spec.big_size, 0, 0o644
+            tar.addfile(info, _RandomReader(rng, spec.big_size))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MiB):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest(), path.stat().st_size
+
+
+class _RandomReader(io.RawIOBase):
+    def __init__(self, rng: random.Random, size: int) -> None:
+        self.rng, self.left = rng, size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return self.rng.randbytes(n)
+
+
+def make_archive(
+    out: Path, work: Path, layers: tuple[LayerSpec, ...] = DEFAULT_LAYERS, name: str = "bench:big"
+) -> Path:
+    """Write ``out`` (.tar.zst) unless it exists; returns it."""
+    if out.exists():
+        return out
+    work.mkdir(parents=True, exist_ok=True)
+    node = platforms.node()
+    entries: list[tuple[str, Path]] = []
+    diff_ids = []
+    for n, spec in enumerate(layers):
+        tmp = work / f"layer{n}.tar"
+        digest, _ = write_layer(tmp, spec, seed=n)
+        diff_ids.append(digest)
+        entries.append((f"{digest[7:]}.tar", tmp))
+    config = samples.config_bytes(node, diff_ids)
+    config_name = f"{hashlib.sha256(config).hexdigest()}.json"
+    manifest = json.dumps(
+        [{"Config": config_name, "RepoTags": [name], "Layers": [e[0] for e in entries]}]
+    ).encode()
+    partial = out.with_suffix(".partial")
+    with open(partial, "wb") as f:
+        zstd = subprocess.Popen(["zstd", "-q", "-3", "-T0", "-c"], stdin=subprocess.PIPE, stdout=f)
+        assert zstd.stdin is not None
+        with tarfile.open(fileobj=zstd.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for arcname, path in entries:
+                info = tar.gettarinfo(str(path), arcname)
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                with open(path, "rb") as src:
+                    tar.addfile(info, src)
+            for arcname, data in ((config_name, config), ("manifest.json", manifest)):
+                info = tarfile.TarInfo(arcname)
+                info.size, info.mtime = len(data), 0
+                tar.addfile(info, io.BytesIO(data))
+        zstd.stdin.close()
+        if zstd.wait() != 0:
+            raise RuntimeError("zstd failed")
+    for _, path in entries:
+        path.unlink()
+    partial.rename(out)
+    return out

@@ -1,0 +1,119 @@
+"""Import benchmark: image-agent import against `zstd -dc | ctr images import -`.
+
+Same archive, same run, fresh containerd state for each first import, unpack
+on for both. Prints wall times, ratios and peak RSS, then the re-import of an
+archive whose content is already present.
+
+    .venv/bin/python -m bench.import_bench [--archive PATH] [--small]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.sandbox import PrivateContainerd
+from bench import gen
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+
+
+@dataclass
+class Run:
+    seconds: float
+    peak_rss_mib: float
+
+
+def run_measured(
+    cmd: list[str], *, stdin_cmd: list[str] | None = None, env: dict[str, str] | None = None
+) -> Run:
+    """Run ``cmd`` (optionally fed by ``stdin_cmd``); wall time and the command's own peak RSS."""
+    start = time.monotonic()
+    feeder = subprocess.Popen(stdin_cmd, stdout=subprocess.PIPE) if stdin_cmd else None
+    proc = subprocess.Popen(
+        cmd,
+        stdin=feeder.stdout if feeder else subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    if feeder and feeder.stdout:
+        feeder.stdout.close()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.monotonic() - start
+    if feeder:
+        feeder.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
+    return Run(elapsed, usage.ru_maxrss / 1024)
+
+
+def ours(address: str, archive: Path) -> Run:
+    env = dict(os.environ, CONTAINERD_ADDRESS=address)
+    return run_measured([sys.executable, "-m", "agent", "import", str(archive)], env=env)
+
+
+def theirs(address: str, archive: Path) -> Run:
+    return run_measured(
+        ["ctr", "-a", address, "-n", "k8s.io", "images", "import", "-"],
+        stdin_cmd=["zstd", "-dc", str(archive)],
+    )
+
+
+def fresh(tag: str) -> PrivateContainerd:
+    c = PrivateContainerd(tempfile.mkdtemp(prefix=f"ia-bench-{tag}-", dir="/tmp"))
+    c.start()
+    return c
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument(
+        "--archive", type=Path, help="archive to import (default: generate ~1.1 GB)"
+    )
+    parser.add_argument("--small", action="store_true", help="a ~120 MB archive, for a quick look")
+    args = parser.parse_args()
+    if args.archive:
+        archive = args.archive
+    elif args.small:
+        small = tuple(
+            gen.LayerSpec(s.small_files // 10, s.big_files, s.big_size // 10)
+            for s in gen.DEFAULT_LAYERS
+        )
+        archive = gen.make_archive(OUT / "bench-small.tar.zst", OUT / "work", small)
+    else:
+        archive = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
+    print(f"archive {archive} ({archive.stat().st_size / 1e6:.0f} MB compressed)")
+    subprocess.run(
+        ["cat", str(archive)], stdout=subprocess.DEVNULL, check=True
+    )  # warm the page cache
+
+    results: dict[str, Run] = {}
+    for name, fn in (("ctr", theirs), ("image-agent", ours)):
+        c = fresh(name)
+        try:
+            results[f"{name} first"] = fn(c.address, archive)
+            subprocess.run(["sync"], check=True)
+            results[f"{name} again"] = fn(c.address, archive)
+        finally:
+            c.cleanup()
+
+    print(f"{'run':<22}{'seconds':>10}{'peak RSS MiB':>15}")
+    for key, r in results.items():
+        print(f"{key:<22}{r.seconds:>10.2f}{r.peak_rss_mib:>15.1f}")
+    first = results["ctr first"].seconds / results["image-agent first"].seconds
+    again = results["ctr again"].seconds / results["image-agent again"].seconds
+    print(f"first import, with unpack: image-agent is {first:.2f}x ctr")
+    print(f"re-import (content present): image-agent is {again:.2f}x ctr")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
