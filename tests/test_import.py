@@ -374,3 +374,25 @@ def test_images_command_lists_cri_view(
     assert row["size"] > 0
     table = cli("images")
     assert "docker.io/library/listed:3" in table.out and "yes" in table.out
+
+
+def _snapshot_keys(ctd: PrivateContainerd) -> set[str]:
+    lines = ctr(ctd, "k8s.io", "snapshots", "ls").splitlines()[1:]
+    return {line.split()[0] for line in lines if line.strip()}
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["layers-in-order", "layers-shuffled"])
+def test_unpack_while_streaming_leaves_only_the_image_chain(
+    ctd: PrivateContainerd, client: Containerd, cli, node: Platform, tmp_path: Path, legacy: bool
+) -> None:
+    """Layers are unpacked as they stream in; whatever the archive's layer order, only the image's chain remains."""
+    layers = tuple(samples.Layer({f"l{i}": bytes([i]) * (1000 + i)}) for i in range(4))
+    image = samples.SampleImage("chain:1", (samples.Variant(node, layers),))
+    path = _write(tmp_path / "c.tar", samples.docker_archive([image], legacy_names=legacy))
+    result = cli("import", str(path))
+    assert result.code == 0, result.err
+    config = cri_by_tag(client)["docker.io/library/chain:1"]
+    assert_unpacked(client, config)
+    diff_ids = layout.parse_config(client.read_blob(config, 1 << 20), "c").diff_ids
+    assert _snapshot_keys(ctd) == set(layout.chain_ids(diff_ids))
+    assert_no_leases(client)
