@@ -45,13 +45,12 @@ class Reference:
     def repository(self) -> str:
         return f"{self.domain}/{self.path}"
 
+    @property
+    def _suffix(self) -> str:
+        return (f":{self.tag}" if self.tag else "") + (f"@{self.digest}" if self.digest else "")
+
     def __str__(self) -> str:
-        text = self.repository
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
+        return self.repository + self._suffix
 
     def with_digest(self, digest: str) -> Reference:
         """``repository@digest``, the form CRI lists as a repo digest."""
@@ -60,17 +59,9 @@ class Reference:
     @property
     def familiar(self) -> str:
         """The short form people type (``alpine:3.19`` for Docker Hub library)."""
-        path = self.path
         if self.domain == DEFAULT_DOMAIN:
-            path = path.removeprefix("library/")
-            text = path
-        else:
-            text = self.repository
-        if self.tag:
-            text += f":{self.tag}"
-        if self.digest:
-            text += f"@{self.digest}"
-        return text
+            return self.path.removeprefix("library/") + self._suffix
+        return self.repository + self._suffix
 
 
 def is_digest(text: str) -> bool:
