@@ -58,6 +58,19 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("-o", "--output", choices=("table", "json"), default="table")
     config.add_arguments(images, config.ContainerdConfig)
 
+    run = sub.add_parser("run", help="the node daemon: watch the images directory and import")
+    config.add_arguments(run, config.DaemonConfig)
+    config.add_arguments(run, config.ContainerdConfig)
+    config.add_arguments(run, config.LogConfig)
+
+    status = sub.add_parser("status", help="the daemon's health and every archive's state")
+    status.add_argument("-o", "--output", choices=("table", "json"), default="table")
+    status.add_argument("--state-dir", default=None, help="(env IMAGE_AGENT_STATE_DIR)")
+
+    retry = sub.add_parser("retry", help="ask the daemon to import a failed archive again")
+    retry.add_argument("paths", nargs="+", metavar="PATH")
+    retry.add_argument("--state-dir", default=None, help="(env IMAGE_AGENT_STATE_DIR)")
+
     demo = sub.add_parser(
         "demo",
         help="start a private containerd, import a sample archive into it and list the result",
@@ -80,6 +93,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_images(args)
         if args.command == "demo":
             return cmd_demo(args, stop)
+        if args.command == "run":
+            return cmd_run(args, stop)
+        if args.command == "status":
+            return cmd_status(args)
+        if args.command == "retry":
+            return cmd_retry(args)
         raise UsageError(f"unknown command {args.command}")
     except UsageError as err:
         print(f"image-agent: {err}", file=sys.stderr)
@@ -258,3 +277,105 @@ def cmd_demo(args: argparse.Namespace, stop: threading.Event) -> int:
         ctd.stop()
         if not args.keep:
             ctd.cleanup()
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    return Path(
+        args.state_dir or os.environ.get("IMAGE_AGENT_STATE_DIR") or config.DaemonConfig().state_dir
+    )
+
+
+def _daemon_platforms(text: str) -> tuple[platforms.Platform, ...] | None:
+    if text.strip().lower() == "all":
+        return None
+    try:
+        return tuple(platforms.parse(p) for p in text.split(",") if p.strip()) or (
+            platforms.node(),
+        )
+    except ValueError as err:
+        raise UsageError(f"--platforms: {err}") from None
+
+
+def _containerd_root(text: str) -> Path:
+    if text:
+        return Path(text)
+    k3s = Path("/var/lib/rancher/k3s/agent/containerd")
+    return k3s if k3s.exists() else Path("/var/lib/containerd")
+
+
+def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
+    from agent.daemon.metrics import Metrics, serve
+    from agent.daemon.notify import Notifier
+    from agent.daemon.service import OWNER, OWNER_LABEL, Daemon, Settings
+    from agent.daemon.state import Store
+
+    dcfg = config.resolve(config.DaemonConfig, args)
+    lcfg = config.resolve(config.LogConfig, args)
+    logs.configure(lcfg.level, stream=sys.stdout)
+    log = logs.get()
+    client, ccfg = _client(args)
+    wanted = _daemon_platforms(dcfg.platforms)
+    options = ImportOptions(snapshotter=ccfg.snapshotter, unpack=dcfg.unpack, platforms=wanted)
+    importer = Importer(client, options, stop=stop, lease_labels={OWNER_LABEL: OWNER})
+    settings = Settings(
+        images_dir=Path(dcfg.images_dir),
+        settle_s=dcfg.settle_s,
+        containerd_root=_containerd_root(dcfg.containerd_root),
+        delete_after_import=dcfg.delete_after_import,
+        platforms=wanted,
+        unpack=dcfg.unpack,
+    )
+    metrics = Metrics()
+    daemon = Daemon(
+        settings, client, importer, Store(Path(dcfg.state_dir)), metrics, Notifier(), log
+    )
+    server = None
+    if dcfg.listen:
+        try:
+            server = serve(dcfg.listen, metrics, daemon.health)
+        except (OSError, ValueError) as err:
+            raise UsageError(f"--listen {dcfg.listen}: {err}") from None
+    log.info("starting", version=__version__, address=client.address, images_dir=dcfg.images_dir)
+    try:
+        with client:
+            daemon.run(stop)
+    finally:
+        if server is not None:
+            server.shutdown()
+    log.info("stopped")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.daemon.service import status_doc
+    from agent.daemon.state import Store
+
+    doc = status_doc(Store(_state_dir(args)))
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    d = doc["daemon"]
+    if d.get("running"):
+        health = "healthy" if d.get("healthy") else f"unhealthy (containerd {d.get('containerd')})"
+        print(f"daemon: running (pid {d['pid']}), {health}, watching {d.get('images_dir')}")
+    else:
+        print("daemon: not running")
+    rows = []
+    for a in doc["archives"]:
+        detail = a["error"] or a["reason"] or ", ".join(a["images"])
+        rows.append(
+            [a["path"], a["state"], report.human_bytes(a["size"]), str(a["attempts"]), detail]
+        )
+    if rows:
+        print(report.table(["ARCHIVE", "STATE", "SIZE", "ATTEMPTS", "DETAIL"], rows))
+    return EXIT_OK
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from agent.daemon.state import Store
+
+    store = Store(_state_dir(args))
+    for path in args.paths:
+        store.request_retry(str(Path(path).absolute()))
+        print(f"retry requested for {path}")
+    return EXIT_OK

@@ -51,6 +51,60 @@ class ContainerdConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DaemonConfig:
+    images_dir: str = setting(
+        "/var/lib/rancher/k3s/agent/images",
+        flag="--images-dir",
+        env="IMAGE_AGENT_IMAGES_DIR",
+        help="directory to watch for archives and pull lists",
+    )
+    state_dir: str = setting(
+        "/var/lib/image-agent",
+        flag="--state-dir",
+        env="IMAGE_AGENT_STATE_DIR",
+        help="where the processed-archive records are kept",
+    )
+    settle_s: float = setting(
+        2.0,
+        flag="--settle",
+        env="IMAGE_AGENT_SETTLE",
+        unit="s",
+        help="a file must be closed and unchanged this long before it is imported",
+    )
+    containerd_root: str = setting(
+        "",
+        flag="--containerd-root",
+        env="IMAGE_AGENT_CONTAINERD_ROOT",
+        help="containerd's root, checked for free space (default: k3s's if present, else "
+        "/var/lib/containerd)",
+    )
+    delete_after_import: bool = setting(
+        False,
+        flag="--delete-after-import",
+        env="IMAGE_AGENT_DELETE_AFTER_IMPORT",
+        help="remove archives once imported (true/false), for small disks",
+    )
+    platforms: str = setting(
+        "",
+        flag="--platforms",
+        env="IMAGE_AGENT_PLATFORMS",
+        help="comma-separated platforms to import, or 'all' (default: the node's)",
+    )
+    unpack: bool = setting(
+        True,
+        flag="--unpack",
+        env="IMAGE_AGENT_UNPACK",
+        help="unpack into the snapshotter (true/false)",
+    )
+    listen: str = setting(
+        "127.0.0.1:9440",
+        flag="--listen",
+        env="IMAGE_AGENT_LISTEN",
+        help="address for /healthz and /metrics ('' to disable)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: str = setting(
         "info", flag="--log-level", env="IMAGE_AGENT_LOG_LEVEL", help="debug, info, warning, error"

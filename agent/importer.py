@@ -125,11 +125,13 @@ class Importer:
         *,
         progress: ProgressFn | None = None,
         stop: threading.Event | None = None,
+        lease_labels: dict[str, str] | None = None,
     ) -> None:
         self.client = client
         self.options = options
         self.progress = progress
         self.stop = stop or threading.Event()
+        self.lease_labels = lease_labels or {}
 
     def import_file(self, path: str) -> ImportResult:
         """Import one archive file. Raises ArchiveError (naming the file) or ContainerdError."""
@@ -145,7 +147,7 @@ class Importer:
 
     def import_stream(self, raw: BinaryIO, *, name: str, size: int = 0) -> ImportResult:
         started = time.monotonic()
-        lease = self.client.create_lease()
+        lease = self.client.create_lease(labels=self.lease_labels)
         session = _Session(self, lease, name, size, started)
         try:
             result = session.run(raw)

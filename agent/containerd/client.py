@@ -159,11 +159,13 @@ class Containerd:
 
     # -- leases -----------------------------------------------------------
 
-    def create_lease(self, expire_after_s: float = 3600.0) -> str:
+    def create_lease(
+        self, expire_after_s: float = 3600.0, labels: dict[str, str] | None = None
+    ) -> str:
         """A lease that holds new content and snapshots; expires by itself as a safety net."""
         lease_id = f"{LEASE_PREFIX}{uuid.uuid4().hex[:16]}"
         expire = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=expire_after_s)
-        labels = {LEASE_EXPIRE_LABEL: expire.strftime("%Y-%m-%dT%H:%M:%SZ")}
+        labels = {**(labels or {}), LEASE_EXPIRE_LABEL: expire.strftime("%Y-%m-%dT%H:%M:%SZ")}
         self._call(
             self._leases.Create,
             leases_pb2.CreateRequest(id=lease_id, labels=labels),
@@ -185,8 +187,12 @@ class Containerd:
             )
 
     def leases(self) -> list[str]:
+        return list(self.lease_labels())
+
+    def lease_labels(self) -> dict[str, dict[str, str]]:
+        """Every lease in the namespace with its labels."""
         resp = self._call(self._leases.List, leases_pb2.ListRequest(), "list leases")
-        return [lease.id for lease in resp.leases]
+        return {lease.id: dict(lease.labels) for lease in resp.leases}
 
     # -- content ----------------------------------------------------------
 
@@ -413,6 +419,16 @@ class Containerd:
             f"update {name}",
         )
         return "updated"
+
+    def label_image(self, name: str, labels: dict[str, str]) -> None:
+        """Set ``labels`` on an existing image record, keeping its other labels."""
+        image = images_pb2.Image(name=name, labels=labels)
+        mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
+        self._call(
+            self._images.Update,
+            images_pb2.UpdateImageRequest(image=image, update_mask=mask),
+            f"label {name}",
+        )
 
     def delete_image(self, name: str) -> None:
         with contextlib.suppress(NotFound):

@@ -1,0 +1,1 @@
+"""The node daemon: watch the images directory and import what lands there."""

@@ -1,0 +1,105 @@
+"""Pure decisions of the daemon: what an observed file means, and what to import next."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from agent.daemon.files import Kind, Stat
+from agent.daemon.state import Record, State
+from agent.platforms import Platform
+
+PULL_LIST_REASON = "pull list (pre-pull handles these; not imported as an archive)"
+
+
+@dataclass(frozen=True)
+class Observation:
+    path: str
+    kind: Kind
+    stat: Stat | None  # None: the file is gone
+    named_platform: Platform | None = None
+
+
+def observe(
+    record: Record | None, obs: Observation, node: tuple[Platform, ...] | None
+) -> Record | None:
+    """The record after seeing ``obs``; None means forget the file.
+
+    A new or changed file (size or mtime) becomes pending; an unchanged one
+    keeps its state, so a failed archive is not retried until it changes.
+    """
+    if obs.stat is None or obs.kind is Kind.IGNORED:
+        return None
+    size, mtime = obs.stat.size, obs.stat.mtime_ns
+    changed = record is None or (record.size, record.mtime_ns) != (size, mtime)
+    if obs.kind is Kind.PULL_LIST:
+        return Record(obs.path, size, mtime, State.SKIPPED, reason=PULL_LIST_REASON)
+    if (
+        obs.named_platform is not None
+        and node is not None
+        and not any(n.matches(obs.named_platform) for n in node)
+    ):
+        wanted = ", ".join(str(n) for n in node)
+        return Record(
+            obs.path,
+            size,
+            mtime,
+            State.SKIPPED,
+            reason=f"archive is named for {obs.named_platform}; this node imports {wanted}",
+        )
+    if record is None or changed:
+        return Record(
+            obs.path, size, mtime, State.PENDING, reason="new" if record is None else "changed"
+        )
+    if record.state is State.IMPORTING:
+        # Interrupted (crash, kill -9): import again.
+        return replace(record, state=State.PENDING, reason="interrupted")
+    return record
+
+
+def content_changed(record: Record, fingerprint: str) -> Record:
+    """A same-size, same-mtime file whose content differs is a new archive."""
+    if record.fingerprint and record.fingerprint != fingerprint:
+        return replace(
+            record,
+            state=State.PENDING,
+            fingerprint=fingerprint,
+            reason="content changed",
+            attempts=0,
+            error="",
+        )
+    return record
+
+
+@dataclass(frozen=True)
+class Next:
+    path: str | None  # import this now
+    wake_at: float | None  # else: when something may become ready
+
+
+def next_import(
+    records: Mapping[str, Record],
+    changed_at: Mapping[str, float],
+    not_before: Mapping[str, float],
+    now: float,
+    settle: float,
+) -> Next:
+    """The oldest (mtime, then name) pending archive that has settled, else when to look again."""
+    ready = []
+    wake: float | None = None
+    for path, rec in records.items():
+        if rec.state is not State.PENDING:
+            continue
+        at = max(changed_at.get(path, 0.0) + settle, not_before.get(path, 0.0))
+        if at <= now:
+            ready.append((rec.mtime_ns, path))
+        else:
+            wake = at if wake is None else min(wake, at)
+    if ready:
+        return Next(min(ready)[1], None)
+    return Next(None, wake)
+
+
+def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Capped exponential backoff: 1, 2, 4, ... seconds up to ``cap``."""
+    return float(min(cap, base * 2.0 ** max(0, attempt - 1)))
