@@ -137,3 +137,145 @@ def ctr(ctd: PrivateContainerd, namespace: str, *args: str) -> str:
     if proc.returncode != 0:
         raise AssertionError(f"ctr {' '.join(args)} failed: {proc.stderr}")
     return proc.stdout
+
+
+def wait_for(cond, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
+    """Poll ``cond`` until it returns a truthy value or the deadline passes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class DaemonProcess:
+    """``image-agent run`` as a real process against the test's containerd."""
+
+    def __init__(self, ctd: PrivateContainerd, base: Path, extra: list[str]) -> None:
+        self.ctd = ctd
+        self.images = base / "images"
+        self.state = base / "state"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.log_path = base / "daemon.log"
+        self.port = free_port()
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._log_offset = 0
+
+    def start(self, *more: str) -> None:
+        import time
+
+        env = dict(os.environ, CONTAINERD_ADDRESS=self.ctd.address)
+        env.pop("NOTIFY_SOCKET", None)
+        cmd = [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--images-dir",
+            str(self.images),
+            "--state-dir",
+            str(self.state),
+            "--settle",
+            "0.5",
+            "--listen",
+            f"127.0.0.1:{self.port}",
+            "--containerd-root",
+            self.ctd.root,
+            *self.extra,
+            *more,
+        ]
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+            )
+        self.started = time.monotonic()
+        wait_for(lambda: any(e["event"] == "watching" for e in self.events()), 30, "daemon start")
+
+    def events(self, all_runs: bool = False) -> list[dict]:  # type: ignore[type-arg]
+        import json
+
+        if not self.log_path.exists():
+            return []
+        with open(self.log_path, "rb") as f:
+            if not all_runs:
+                f.seek(self._log_offset)
+            out = []
+            for line in f.read().decode(errors="replace").splitlines():
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    out.append({"event": "non-json", "line": line})
+            return out
+
+    def named(self, event: str, all_runs: bool = False) -> list[dict]:  # type: ignore[type-arg]
+        return [e for e in self.events(all_runs) if e.get("event") == event]
+
+    def status(self) -> dict:  # type: ignore[type-arg]
+        import json
+
+        out = subprocess.run(
+            [sys.executable, "-m", "agent", "status", "-o", "json", "--state-dir", str(self.state)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        ).stdout
+        return json.loads(out)  # type: ignore[no-any-return]
+
+    def record(self, path: Path) -> dict | None:  # type: ignore[type-arg]
+        for a in self.status()["archives"]:
+            if a["path"] == str(path):
+                return a  # type: ignore[no-any-return]
+        return None
+
+    def wait_state(self, path: Path, state: str, timeout: float = 60) -> dict:  # type: ignore[type-arg]
+        def check():  # type: ignore[no-untyped-def]
+            rec = self.record(path)
+            return rec if rec and rec["state"] == state else None
+
+        return wait_for(check, timeout, f"{path.name} to be {state}")  # type: ignore[no-any-return]
+
+    def stop(self, timeout: float = 10.0) -> int:
+        import signal as _signal
+
+        assert self.proc is not None
+        self.proc.send_signal(_signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def daemon(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped-def]
+    procs: list[DaemonProcess] = []
+
+    def make(*extra: str) -> DaemonProcess:
+        d = DaemonProcess(ctd, tmp_path / f"d{len(procs)}", list(extra))
+        procs.append(d)
+        return d
+
+    yield make
+    for d in procs:
+        if d.proc is not None:
+            d.kill()

@@ -84,19 +84,24 @@ def next_import(
     now: float,
     settle: float,
 ) -> Next:
-    """The oldest (mtime, then name) pending archive that has settled, else when to look again."""
-    ready = []
+    """The oldest (mtime, then name) pending archive, once settled; else when to look again.
+
+    An older archive still settling holds back newer ones, so images appear in
+    mtime order. One that waits for space or for containerd does not.
+    """
+    pending = sorted(
+        (rec.mtime_ns, path) for path, rec in records.items() if rec.state is State.PENDING
+    )
     wake: float | None = None
-    for path, rec in records.items():
-        if rec.state is not State.PENDING:
+    for _, path in pending:
+        settled_at = changed_at.get(path, 0.0) + settle
+        if settled_at > now:
+            return Next(None, settled_at if wake is None else min(wake, settled_at))
+        retry_at = not_before.get(path, 0.0)
+        if retry_at > now:
+            wake = retry_at if wake is None else min(wake, retry_at)
             continue
-        at = max(changed_at.get(path, 0.0) + settle, not_before.get(path, 0.0))
-        if at <= now:
-            ready.append((rec.mtime_ns, path))
-        else:
-            wake = at if wake is None else min(wake, at)
-    if ready:
-        return Next(min(ready)[1], None)
+        return Next(path, None)
     return Next(None, wake)
 
 

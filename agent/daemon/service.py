@@ -31,7 +31,7 @@ from agent.platforms import Platform
 OWNER_LABEL = "image-agent/owner"
 OWNER = "daemon"
 HEARTBEAT_S = 10.0
-SPACE_RETRY_S = 30.0
+SPACE_RETRY_S = 5.0
 PROGRESS_LOG_S = 10.0
 
 
@@ -116,6 +116,9 @@ class Daemon:
         self.records = self.store.load()
         observer = Observer()
         observer.schedule(_Handler(self.paths), str(self.s.images_dir), recursive=True)
+        # `image-agent retry` drops a request file here; its event wakes the loop.
+        self.store.requests_dir.mkdir(parents=True, exist_ok=True)
+        observer.schedule(_Handler(self.paths), str(self.store.requests_dir), recursive=False)
         observer.start()
         try:
             self._startup()
@@ -169,6 +172,8 @@ class Daemon:
                 break
         for path in sorted(seen):
             p = Path(path)
+            if not p.is_relative_to(self.s.images_dir):
+                continue  # a retry request: taken by the loop
             if p.is_dir():
                 self._scan(p)
             else:

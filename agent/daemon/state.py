@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import tempfile
@@ -81,6 +82,7 @@ class Store:
     def __init__(self, state_dir: Path) -> None:
         self.dir = state_dir
         self.path = state_dir / ARCHIVES_FILE
+        self.requests_dir = state_dir / REQUESTS_DIR
 
     def load(self) -> dict[str, Record]:
         try:
@@ -118,8 +120,6 @@ class Store:
 
     def request_retry(self, path: str) -> None:
         """Ask the running daemon to import ``path`` again (``image-agent retry``)."""
-        import hashlib
-
         name = hashlib.sha256(path.encode()).hexdigest()[:16]
         write_atomic(
             self.dir / REQUESTS_DIR / f"retry-{name}.json", json.dumps({"path": path}).encode()
@@ -128,10 +128,9 @@ class Store:
     def take_requests(self) -> list[str]:
         """Retry requests waiting for the daemon; each is returned once."""
         out: list[str] = []
-        req_dir = self.dir / REQUESTS_DIR
-        if not req_dir.is_dir():
+        if not self.requests_dir.is_dir():
             return out
-        for f in sorted(req_dir.glob("retry-*.json")):
+        for f in sorted(self.requests_dir.glob("retry-*.json")):
             try:
                 doc = json.loads(f.read_bytes())
                 f.unlink()

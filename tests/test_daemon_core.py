@@ -1,0 +1,170 @@
+"""The daemon's pure decisions, file facts, state store and systemd unit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from agent.daemon import files, plan
+from agent.daemon.files import Kind, Stat
+from agent.daemon.state import Record, State, Store
+from agent.platforms import Platform
+from tests.conftest import ROOT
+
+AMD64 = (Platform("linux", "amd64"),)
+
+
+def obs(
+    path: str = "/d/a.tar",
+    size: int = 10,
+    mtime: int = 1,
+    kind: Kind = Kind.ARCHIVE,
+    named: Platform | None = None,
+) -> plan.Observation:
+    return plan.Observation(path, kind, Stat(size, mtime), named)
+
+
+def test_new_archive_is_pending_and_unchanged_one_keeps_its_state() -> None:
+    """A new file waits to be imported; a failed one is not retried until it changes."""
+    rec = plan.observe(None, obs(), AMD64)
+    assert rec is not None and rec.state is State.PENDING
+    failed = Record("/d/a.tar", 10, 1, State.FAILED, error="corrupt")
+    assert plan.observe(failed, obs(), AMD64) is failed
+    changed = plan.observe(failed, obs(mtime=2), AMD64)
+    assert changed is not None and changed.state is State.PENDING and changed.reason == "changed"
+
+
+def test_gone_and_ignored_files_are_forgotten() -> None:
+    assert (
+        plan.observe(
+            Record("/d/a.tar", 1, 1), plan.Observation("/d/a.tar", Kind.ARCHIVE, None), AMD64
+        )
+        is None
+    )
+    assert plan.observe(None, obs(kind=Kind.IGNORED), AMD64) is None
+
+
+def test_interrupted_import_is_pending_again() -> None:
+    """A record left 'importing' by a crash is imported again."""
+    rec = plan.observe(Record("/d/a.tar", 10, 1, State.IMPORTING, attempts=1), obs(), AMD64)
+    assert rec is not None and rec.state is State.PENDING and rec.reason == "interrupted"
+
+
+def test_platform_named_archives() -> None:
+    skipped = plan.observe(None, obs(named=Platform("linux", "arm64")), AMD64)
+    assert (
+        skipped is not None and skipped.state is State.SKIPPED and "linux/arm64" in skipped.reason
+    )
+    assert plan.observe(None, obs(named=Platform("linux", "amd64")), AMD64).state is State.PENDING  # type: ignore[union-attr]
+    assert plan.observe(None, obs(named=Platform("linux", "arm64")), None).state is State.PENDING  # type: ignore[union-attr]
+
+
+def test_same_size_replacement_detected_by_fingerprint() -> None:
+    rec = Record("/d/a.tar", 10, 1, State.IMPORTED, fingerprint="sha256:old")
+    assert plan.content_changed(rec, "sha256:old") is rec
+    assert plan.content_changed(rec, "sha256:new").state is State.PENDING
+
+
+def test_next_import_order_settle_and_backoff() -> None:
+    """Oldest mtime first (then name); an older file still settling holds back newer ones."""
+    recs = {
+        "/d/b.tar": Record("/d/b.tar", 1, 100),
+        "/d/a.tar": Record("/d/a.tar", 1, 100),
+        "/d/new.tar": Record("/d/new.tar", 1, 300),
+        "/d/done.tar": Record("/d/done.tar", 1, 1, State.IMPORTED),
+    }
+    assert plan.next_import(recs, {}, {}, now=10, settle=2).path == "/d/a.tar"
+    settling = plan.next_import(recs, {"/d/a.tar": 9.0}, {}, now=10, settle=2)
+    assert settling.path is None and settling.wake_at == 11.0
+    waiting = plan.next_import(recs, {}, {"/d/a.tar": 50.0}, now=10, settle=2)
+    assert waiting.path == "/d/b.tar"
+    assert [plan.backoff(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 60.0]
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [
+        ("a.tar", Kind.ARCHIVE),
+        ("a.TAR.ZST", Kind.ARCHIVE),
+        ("b.tgz", Kind.ARCHIVE),
+        ("c.tar.lz4", Kind.ARCHIVE),
+        ("l.txt", Kind.PULL_LIST),
+        (".a.tar", Kind.IGNORED),
+        ("a.tar.part", Kind.IGNORED),
+        (".hidden/a.tar", Kind.IGNORED),
+        ("sub/a.tbz", Kind.ARCHIVE),
+    ],
+)
+def test_classify(name: str, kind: Kind) -> None:
+    root = Path("/images")
+    assert files.classify(root / name, root) is kind
+
+
+@pytest.mark.parametrize(
+    ("name", "platform"),
+    [
+        ("site-linux-arm64.tar.zst", Platform("linux", "arm64")),
+        ("k3s-airgap-images-linux-amd64.tar", Platform("linux", "amd64")),
+        ("x_linux_arm_v7.tar", Platform("linux", "arm", "v7")),
+        ("images.tar.gz", None),
+        ("linuxtools.tar", None),
+    ],
+)
+def test_platform_in_name(name: str, platform: Platform | None) -> None:
+    assert files.platform_in_name(name) == platform
+
+
+def test_open_for_writing_sees_a_copy_in_progress(tmp_path: Path) -> None:
+    """A file some process holds open for writing is reported as still being written."""
+    path = tmp_path / "f.tar"
+    path.write_bytes(b"x")
+    assert not files.open_for_writing(path)
+    with open(path, "ab"):
+        assert files.open_for_writing(path)
+    with open(path, "rb"):
+        assert not files.open_for_writing(path)
+
+
+def test_fingerprint_catches_same_size_change(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"a" * (3 << 20))
+    first = files.fingerprint(path)
+    path.write_bytes(b"a" * ((3 << 20) - 1) + b"b")  # same size, last byte differs
+    assert files.fingerprint(path) != first
+
+
+def test_store_round_trip_and_damaged_file(tmp_path: Path) -> None:
+    """Records survive a save/load; a damaged state file means re-imports, not a crash."""
+    store = Store(tmp_path)
+    rec = Record("/d/a.tar", 5, 7, State.IMPORTED, images=["docker.io/library/a:1"], attempts=1)
+    store.save({rec.path: rec})
+    assert store.load() == {rec.path: rec}
+    doc = json.loads((tmp_path / "archives.json").read_text())
+    assert doc["archives"][0]["state"] == "imported"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]  # no temp files left
+    (tmp_path / "archives.json").write_text("{not json")
+    assert store.load() == {}
+    store.request_retry("/d/a.tar")
+    assert store.take_requests() == ["/d/a.tar"]
+    assert store.take_requests() == []
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """systemd-analyze verify accepts the unit (with ExecStart pointed at this checkout)."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is missing (scripts/bootstrap installs systemd)")
+    exe = Path(os.sys.executable).with_name("image-agent")  # type: ignore[attr-defined]
+    unit = (ROOT / "systemd" / "image-agent.service").read_text()
+    assert "Type=notify" in unit and "WatchdogSec=" in unit and "StateDirectory=image-agent" in unit
+    assert "EnvironmentFile=-/etc/default/image-agent" in unit and "Restart=always" in unit
+    path = tmp_path / "image-agent.service"
+    path.write_text(unit.replace("/usr/bin/image-agent", str(exe)))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
