@@ -300,3 +300,75 @@ def test_delete_after_import(daemon, client: Containerd, node: Platform) -> None
     wait_for(lambda: d.named("archive.deleted"), 30, "the archive to be deleted")
     assert not path.exists()
     assert "docker.io/library/once:1" in cri_by_tag(client)
+
+
+def test_removed_archive_loses_its_record_but_images_stay(
+    daemon, client: Containerd, node: Platform
+) -> None:
+    """Deleting an imported archive forgets it; its images stay in containerd, still pinned."""
+    d = daemon()
+    d.start()
+    path = make_archive(d.images / "usb.tar", "usb:1", node)
+    d.wait_state(path, "imported")
+    path.unlink()
+    wait_for(lambda: d.record(path) is None, 30, "the record to go")
+    assert "docker.io/library/usb:1" in cri_by_tag(client)
+    assert_pinned(client, "docker.io/library/usb:1")
+
+
+def test_containerd_down_at_start_then_up(
+    daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
+) -> None:
+    """Started before containerd, the daemon waits (no failures) and imports once containerd is up."""
+    d = daemon()
+    path = make_archive(d.images / "early.tar", "early:1", node)
+    ctd.stop()
+    d.start()
+    wait_for(lambda: d.named("import.deferred"), 30, "the import to be deferred")
+    assert d.status()["daemon"]["containerd"] == "unreachable"
+    ctd.start()
+    d.wait_state(path, "imported", timeout=90)
+    assert d.named("import.failed") == []
+
+
+def test_systemd_notify_ready_and_watchdog(ctd: PrivateContainerd, tmp_path: Path) -> None:
+    """Under Type=notify the daemon reports READY=1 once watching, then WATCHDOG=1 keepalives."""
+    import socket
+    import sys
+
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(30)
+    env = dict(os.environ, NOTIFY_SOCKET=str(sock_path), CONTAINERD_ADDRESS=ctd.address)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--images-dir",
+            str(tmp_path / "img"),
+            "--state-dir",
+            str(tmp_path / "st"),
+            "--listen",
+            "",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        messages: list[str] = []
+        while not any("READY=1" in m for m in messages) or not any(
+            "WATCHDOG=1" in m for m in messages
+        ):
+            messages.append(sock.recv(4096).decode())
+        assert any("STATUS=watching" in m for m in messages)
+        proc.terminate()
+        assert proc.wait(10) == 0
+        assert "STOPPING=1" in sock.recv(4096).decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()

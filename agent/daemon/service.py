@@ -96,6 +96,8 @@ class Daemon:
             return
         self.last_heartbeat = now
         self.notifier.send("WATCHDOG=1")
+        if not self.containerd_ok:
+            self._containerd_back()
         pending = sum(1 for r in self.records.values() if r.state is State.PENDING)
         self.metrics.pending.set(pending)
         self.store.save_daemon(
@@ -185,6 +187,8 @@ class Daemon:
 
     def _startup(self) -> None:
         self._check_containerd()
+        if not self.containerd_ok:
+            self.log.warning("containerd.unavailable", address=self.client.address)
         self._cleanup_leases()
         for path in list(self.records):
             if not Path(path).exists():
@@ -357,6 +361,15 @@ class Daemon:
         return False
 
     # -- containerd-side reconciliation ---------------------------------------------
+
+    def _containerd_back(self) -> None:
+        """containerd answers again: do the start-up work that needed it."""
+        self._check_containerd()
+        if self.containerd_ok:
+            self.log.info("containerd.available", address=self.client.address)
+            self._cleanup_leases()
+            self._reconcile()
+            self._save()
 
     def _check_containerd(self) -> None:
         try:
