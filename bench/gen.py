@@ -63,8 +63,8 @@ def write_layer(path: Path, spec: LayerSpec, seed: int) -> tuple[str, int]:
             info.size, info.mtime, info.mode = spec.big_size, 0, 0o644
             tar.addfile(info, _RandomReader(rng, spec.big_size))
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(4 * MiB):
+    with open(path, "rb") as src:
+        while chunk := src.read(4 * MiB):
             digest.update(chunk)
     return "sha256:" + digest.hexdigest(), path.stat().st_size
 

@@ -1,0 +1,194 @@
+"""Daemon benchmark: file-to-visible latency, start-up and idle cost with 50 processed archives.
+
+    .venv/bin/python -m bench.daemon_bench [--skip-big]
+
+- latency: an archive renamed into the watched directory until the CRI lists
+  its image (ImageStatus), for a small archive and the 1.1 GB one of
+  import_bench; the settle time (default 2 s) is part of it, as for users;
+- start-up: daemon start until it is watching (READY) with 50 processed
+  archives, against importing the 50 again, which is what k3s does at every
+  start without .cache.json;
+- idle: CPU seconds and RSS of the daemon over 20 s with nothing to do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from agent import platforms, samples
+from agent.containerd import Containerd
+from agent.sandbox import PrivateContainerd
+from bench import gen
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def wait_until(cond, timeout: float = 600.0, step: float = 0.01) -> float:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    while not cond():
+        if time.monotonic() - start > timeout:
+            raise TimeoutError("condition not met")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+class Daemon:
+    def __init__(self, address: str, base: Path, settle: float) -> None:
+        self.address, self.base, self.settle = address, base, settle
+        self.images = base / "images"
+        self.images.mkdir(parents=True, exist_ok=True)
+        self.log = base / "daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> float:
+        """Start the daemon; seconds until it is watching."""
+        self.offset = self.log.stat().st_size if self.log.exists() else 0
+        env = dict(os.environ, CONTAINERD_ADDRESS=self.address)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "agent",
+                    "run",
+                    "--images-dir",
+                    str(self.images),
+                    "--state-dir",
+                    str(self.base / "state"),
+                    "--settle",
+                    str(self.settle),
+                    "--listen",
+                    "",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+
+        return wait_until(lambda: bool(self.events("watching")), 120)
+
+    def events(self, name: str) -> list[dict]:  # type: ignore[type-arg]
+        """Events of the current run named ``name``."""
+        with open(self.log, "rb") as f:
+            f.seek(self.offset)
+            lines = f.read().decode().splitlines()
+        return [json.loads(line) for line in lines if f'"event": "{name}"' in line]
+
+    def cpu_rss(self) -> tuple[float, float]:
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / TICK
+        rss = next(
+            int(line.split()[1])
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS:")
+        )
+        return cpu, rss / 1024
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(20)
+            self.proc = None
+
+
+def visible(client: Containerd, name: str) -> bool:
+    return client.cri_image_status(name) is not None
+
+
+def drop(src: Path, d: Daemon, name: str) -> None:
+    tmp = d.images / f".{name}.tmp"
+    subprocess.run(["cp", str(src), str(tmp)], check=True)
+    os.rename(tmp, d.images / name)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--skip-big", action="store_true", help="leave out the 1.1 GB archive")
+    parser.add_argument("--settle", type=float, default=2.0)
+    args = parser.parse_args()
+    node = platforms.node()
+    work = Path(tempfile.mkdtemp(prefix="ia-dbench-", dir="/tmp"))
+    ctd = PrivateContainerd(work / "ctd")
+    ctd.start()
+    try:
+        client = Containerd(ctd.address)
+        d = Daemon(ctd.address, work / "d", args.settle)
+        d.start()
+
+        small = work / "small.tar"
+        small.write_bytes(
+            samples.oci_archive([samples.simple_image("lat:small", {"f": b"x" * 4096}, node)])
+        )
+        drop(small, d, "small.tar")
+        t_small = wait_until(lambda: visible(client, "docker.io/library/lat:small"))
+        print(
+            f"small archive: visible to CRI {t_small:.2f} s after it appeared "
+            f"(settle {args.settle:.1f} s)"
+        )
+        if not args.skip_big:
+            big = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
+            tmp = d.images / ".big.tmp"
+            subprocess.run(["cp", str(big), str(tmp)], check=True)
+            os.rename(tmp, d.images / "big.tar.zst")
+            t_big = wait_until(lambda: visible(client, "docker.io/library/bench:big"), 900, 0.1)
+            print(
+                f"1.1 GB archive: visible to CRI {t_big:.2f} s after it appeared "
+                f"(settle {args.settle:.1f} s, unpacked)"
+            )
+
+        archives = []
+        for i in range(50):
+            path = work / f"a{i:02}.tar"
+            path.write_bytes(
+                samples.oci_archive(
+                    [samples.simple_image(f"fifty/img{i}:1", {"f": os.urandom(64 << 10)}, node)]
+                )
+            )
+            archives.append(path)
+        for path in archives:
+            drop(path, d, path.name)
+        wait_until(
+            lambda: len(d.events("import.done")) >= 50 + 1 + (0 if args.skip_big else 1), 600, 0.1
+        )
+        d.stop()
+
+        startup = d.start()
+        cpu0, _ = d.cpu_rss()
+        time.sleep(20)  # measuring idle cost: nothing to wait for
+        cpu1, rss = d.cpu_rss()
+        reimports = len(d.events("import.started"))
+        d.stop()
+        env = dict(os.environ, CONTAINERD_ADDRESS=ctd.address)
+        start = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-m", "agent", "import", *map(str, archives)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
+        t_all = time.monotonic() - start
+        print(
+            f"start-up with 50 processed archives: watching after {startup:.2f} s "
+            f"({reimports} re-imports); importing the 50 again "
+            f"(k3s without .cache.json) takes {t_all:.2f} s"
+        )
+        print(f"idle: {100 * (cpu1 - cpu0) / 20:.2f}% of one core, RSS {rss:.1f} MiB")
+    finally:
+        ctd.cleanup()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
