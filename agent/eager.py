@@ -34,7 +34,9 @@ def looks_like_layer(head: bytes, compression: Compression) -> bool:
 class EagerUnpacker:
     """Apply layers in arrival order on a worker thread; best effort."""
 
-    def __init__(self, client: Containerd, snapshotter: str, lease: str) -> None:
+    def __init__(
+        self, client: Containerd, snapshotter: str, lease: str, stop: threading.Event
+    ) -> None:
         self.client = client
         self.snapshotter = snapshotter
         self.lease = lease
@@ -42,7 +44,9 @@ class EagerUnpacker:
         self.failed: str | None = None
         self._parent = ""
         self._queue: queue.SimpleQueue[tuple[Compression, str, int] | None] = queue.SimpleQueue()
+        # Set by finish(cancel=True) or by the import's own stop (SIGTERM).
         self._stop = threading.Event()
+        self._import_stop = stop
         self._thread = threading.Thread(target=self._run, name="eager-unpack", daemon=True)
         self._thread.start()
 
@@ -63,7 +67,7 @@ class EagerUnpacker:
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            if self._stop.is_set() or self.failed:
+            if self._stop.is_set() or self._import_stop.is_set() or self.failed:
                 continue
             compression, digest, size = item
             if not digest:
@@ -91,7 +95,9 @@ class EagerUnpacker:
         mounts = self.client.prepare(self.snapshotter, key, self._parent, lease=self.lease)
         try:
             chain_id = self._chain(
-                self.client.apply(media_type, digest, size, mounts, lease=self.lease)
+                self.client.apply(
+                    media_type, digest, size, mounts, lease=self.lease, stop=self._import_stop
+                )
             )
             if self.client.snapshot_exists(self.snapshotter, chain_id):
                 self.client.remove_snapshot(self.snapshotter, key)

@@ -196,7 +196,7 @@ class _Session:
     def run(self, raw: BinaryIO) -> ImportResult:
         self.reader = _CountingReader(raw)
         if self.options.unpack:
-            self.eager = EagerUnpacker(self.client, self.options.snapshotter, self.lease)
+            self.eager = EagerUnpacker(self.client, self.options.snapshotter, self.lease, self.stop)
         try:
             for member, data in walk(self.reader):  # type: ignore[arg-type]
                 self._check_stop()
@@ -547,7 +547,7 @@ class _Session:
         mounts = self.client.prepare(snapshotter, key, parent, lease=self.lease)
         try:
             applied = self.client.apply(
-                layer.media_type, layer.digest, layer.size, mounts, lease=self.lease
+                layer.media_type, layer.digest, layer.size, mounts, lease=self.lease, stop=self.stop
             )
             if applied != diff_id:
                 raise ArchiveError(

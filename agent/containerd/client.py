@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import os
 import queue
+import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -349,20 +350,35 @@ class Containerd:
             )
 
     def apply(
-        self, media_type: str, digest: str, size: int, mounts: list[mount_pb2.Mount], *, lease: str
+        self,
+        media_type: str,
+        digest: str,
+        size: int,
+        mounts: list[mount_pb2.Mount],
+        *,
+        lease: str,
+        stop: threading.Event | None = None,
     ) -> str:
-        """Unpack a layer blob onto ``mounts``; returns the digest of the uncompressed tar."""
-        resp = self._call(
-            self._diff.Apply,
-            diff_pb2.ApplyRequest(
-                diff=descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size),
-                mounts=mounts,
-            ),
-            f"apply layer {digest}",
-            lease=lease,
-            timeout=None,
+        """Unpack a layer blob onto ``mounts``; returns the digest of the uncompressed tar.
+
+        No deadline (a layer can take minutes), but ``stop`` cancels the call.
+        """
+        what = f"apply layer {digest}"
+        request = diff_pb2.ApplyRequest(
+            diff=descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size),
+            mounts=mounts,
         )
-        return str(resp.applied.digest)
+        future = self._diff.Apply.future(request, metadata=self._metadata(lease))
+        try:
+            while True:
+                try:
+                    return str(future.result(timeout=0.2).applied.digest)
+                except grpc.FutureTimeoutError:
+                    if stop is not None and stop.is_set():
+                        future.cancel()
+                        raise Cancelled(f"{what}: cancelled") from None
+        except grpc.RpcError as err:
+            raise translate(err, what, self.address) from None
 
     # -- images -------------------------------------------------------------
 
