@@ -18,10 +18,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TypedDict
 
+import structlog
+
 from agent import __version__, config, logs, platforms, report
 from agent.containerd.client import Containerd, CriImage, default_address
 from agent.errors import AgentError, ArchiveError, ContainerdUnavailable, UsageError
 from agent.importer import PINNED_LABEL, Importer, ImportOptions, ImportResult
+from agent.pull import auth as pull_auth
+from agent.pull.engine import Puller
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the node daemon: watch the images directory and import")
     config.add_arguments(run, config.DaemonConfig)
+    config.add_arguments(run, config.PullConfig)
     config.add_arguments(run, config.ContainerdConfig)
     config.add_arguments(run, config.LogConfig)
 
@@ -70,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     retry = sub.add_parser("retry", help="ask the daemon to import a failed archive again")
     retry.add_argument("paths", nargs="+", metavar="PATH")
     retry.add_argument("--state-dir", default=None, help="(env IMAGE_AGENT_STATE_DIR)")
+
+    pull = sub.add_parser("pull", help="pull images through the CRI and pin them (one shot)")
+    pull.add_argument("refs", nargs="+", metavar="REF")
+    config.add_arguments(pull, config.PullConfig)
+    config.add_arguments(pull, config.ContainerdConfig)
 
     demo = sub.add_parser(
         "demo",
@@ -99,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_status(args)
         if args.command == "retry":
             return cmd_retry(args)
+        if args.command == "pull":
+            return cmd_pull(args)
         raise UsageError(f"unknown command {args.command}")
     except UsageError as err:
         print(f"image-agent: {err}", file=sys.stderr)
@@ -368,6 +380,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
     if rows:
         print(report.table(["ARCHIVE", "STATE", "SIZE", "ATTEMPTS", "DETAIL"], rows))
+    pulls = [
+        [p["image"], p["state"], p["source"], str(p["attempts"]), p["last_error"] or p["image_id"]]
+        for p in doc["pulls"]
+    ]
+    if pulls:
+        print(report.table(["IMAGE", "STATE", "SOURCE", "ATTEMPTS", "DETAIL"], pulls))
     return EXIT_OK
 
 
@@ -379,3 +397,50 @@ def cmd_retry(args: argparse.Namespace) -> int:
         store.request_retry(str(Path(path).absolute()))
         print(f"retry requested for {path}")
     return EXIT_OK
+
+
+def _puller(
+    client: Containerd, pcfg: config.PullConfig, log: structlog.typing.FilteringBoundLogger
+) -> Puller:
+    creds = pull_auth.load(pcfg.auth_file) if pcfg.auth_file else {}
+    return Puller(
+        client,
+        credentials=creds,
+        concurrency=pcfg.concurrency,
+        timeout_s=pcfg.timeout_s,
+        refresh_s=pcfg.refresh_s,
+        log=log,
+    )
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Pull REFs now (ImageStatus first, PullImage if absent), pin them, report each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from agent import refs
+    from agent.pull.engine import classify
+
+    pcfg = config.resolve(config.PullConfig, args)
+    wanted: list[str] = []
+    failed = 0
+    for text in args.refs:
+        try:
+            wanted.append(refs.normalize(text))
+        except refs.InvalidReference as err:
+            print(f"image-agent: {err}", file=sys.stderr)
+            failed += 1
+    client, _ = _client(args)
+    with client:
+        client.version()
+        puller = _puller(client, pcfg, logs.get())
+        with ThreadPoolExecutor(max(1, pcfg.concurrency)) as pool:
+            futures = {ref: pool.submit(puller.ensure, ref) for ref in wanted}
+            for ref, future in futures.items():
+                try:
+                    outcome, image_id = future.result()
+                except AgentError as err:
+                    print(f"image-agent: {ref}: {classify(err).reason}", file=sys.stderr)
+                    failed += 1
+                    continue
+                print(f"{outcome} {ref} {image_id}")
+    return EXIT_FAILED if failed else EXIT_OK

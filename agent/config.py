@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -105,6 +106,40 @@ class DaemonConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PullConfig:
+    pull_lists: tuple[str, ...] = setting(
+        (),
+        flag="--pull-list",
+        env="IMAGE_AGENT_PULL_LISTS",
+        help="pull-list file to keep warm, besides .txt files in the images directory "
+        "(repeatable; env: comma-separated)",
+    )
+    concurrency: int = setting(
+        3, flag="--pull-concurrency", env="IMAGE_AGENT_PULL_CONCURRENCY", help="pulls at once"
+    )
+    timeout_s: float = setting(
+        1800.0,
+        flag="--pull-timeout",
+        env="IMAGE_AGENT_PULL_TIMEOUT",
+        unit="s",
+        help="deadline of one pull (e.g. 30m)",
+    )
+    refresh_s: float = setting(
+        3600.0,
+        flag="--refresh-interval",
+        env="IMAGE_AGENT_REFRESH_INTERVAL",
+        unit="s",
+        help="how often tag references are pulled again to follow moved tags (e.g. 1h)",
+    )
+    auth_file: str = setting(
+        "",
+        flag="--auth-file",
+        env="IMAGE_AGENT_AUTH_FILE",
+        help="docker config.json with registry credentials (auths)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: str = setting(
         "info", flag="--log-level", env="IMAGE_AGENT_LOG_LEVEL", help="debug, info, warning, error"
@@ -120,11 +155,12 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any]) -> None:
     for f in dataclasses.fields(cls):
         meta = f.metadata
         unit = f" [{meta['unit']}]" if meta["unit"] else ""
-        default = f.default if f.default not in ("", None) else "auto"
+        default = f.default if f.default not in ("", None, ()) else "none"
         group.add_argument(
             meta["flag"],
             dest=f"{cls.__name__}.{f.name}",
             default=None,
+            action="append" if isinstance(f.default, tuple) else "store",
             metavar=f.name.upper().removesuffix("_S"),
             help=f"{meta['help']}{unit} (env {meta['env']}; default {default})",
         )
@@ -141,8 +177,39 @@ def resolve(cls: type[C], args: argparse.Namespace, env: Mapping[str, str] = os.
             continue
         kind: type[Any] = type(f.default)
         try:
-            values[f.name] = kind(raw) if kind is not bool else raw.lower() in ("1", "true", "yes")
+            values[f.name] = _convert(raw, kind, f.metadata["unit"])
         except ValueError:
             where = f"{f.metadata['flag']} / {f.metadata['env']}"
             raise UsageError(f"{where}: {raw!r} is not a valid {kind.__name__}") from None
     return cls(**values)
+
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``1h``, ``1h30m``."""
+    text = text.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"invalid duration {text!r}")
+    return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
+
+
+def _convert(raw: Any, kind: type[Any], unit: str) -> Any:
+    if kind is tuple:
+        items = raw if isinstance(raw, list) else str(raw).split(",")
+        return tuple(i.strip() for i in items if i.strip())
+    if kind is bool:
+        if str(raw).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(raw).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if kind is float and unit == "s":
+        return parse_duration(str(raw))
+    return kind(raw)

@@ -446,6 +446,16 @@ class Containerd:
             f"label {name}",
         )
 
+    def unlabel_image(self, name: str, *keys: str) -> None:
+        """Remove labels from an image record (a masked label absent from the update goes)."""
+        mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in keys])
+        with contextlib.suppress(NotFound):
+            self._call(
+                self._images.Update,
+                images_pb2.UpdateImageRequest(image=images_pb2.Image(name=name), update_mask=mask),
+                f"unlabel {name}",
+            )
+
     def delete_image(self, name: str) -> None:
         with contextlib.suppress(NotFound):
             self._call(
@@ -474,6 +484,34 @@ class Containerd:
             return None
         i = resp.image
         return CriImage(i.id, tuple(i.repo_tags), tuple(i.repo_digests), int(i.size), i.pinned)
+
+    def cri_pull(
+        self,
+        ref: str,
+        *,
+        username: str = "",
+        password: str = "",
+        server: str = "",
+        identity_token: str = "",
+        timeout: float | None = None,
+    ) -> str:
+        """Pull through the CRI (so registry mirrors and hosts.toml apply); returns the image id."""
+        auth = None
+        if username or password or identity_token:
+            auth = api_pb2.AuthConfig(
+                username=username,
+                password=password,
+                server_address=server,
+                identity_token=identity_token,
+            )
+        resp = self._call(
+            self._cri.PullImage,
+            api_pb2.PullImageRequest(image=api_pb2.ImageSpec(image=ref), auth=auth),
+            f"pull {ref}",
+            timeout=timeout,
+            namespaced=False,
+        )
+        return str(resp.image_ref)
 
 
 __all__ = ["Blob", "Cancelled", "Containerd", "CriImage", "ImageRecord", "default_address"]

@@ -38,6 +38,24 @@ class Metrics:
         self.containerd_up = Gauge(
             "image_agent_containerd_up", "1 if containerd answers", registry=r
         )
+        self.pulls = Counter("image_agent_pulls", "Pull checks by outcome", ["outcome"], registry=r)
+        self.images_wanted = Gauge(
+            "image_agent_images_wanted", "Images in the pull lists", registry=r
+        )
+        self.images_present = Gauge(
+            "image_agent_images_present", "Listed images present on the node", registry=r
+        )
+        self.pull_duration = Histogram(
+            "image_agent_pull_duration_seconds",
+            "Time to pull one image",
+            registry=r,
+            buckets=(0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+        )
+
+    def pull_outcome(self, outcome: str, seconds: float | None) -> None:
+        self.pulls.labels(outcome).inc()
+        if seconds is not None:
+            self.pull_duration.observe(seconds)
 
 
 def serve(

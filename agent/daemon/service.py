@@ -18,6 +18,7 @@ import structlog
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from agent import lists
 from agent.containerd.client import Containerd
 from agent.daemon import files, plan
 from agent.daemon.files import Kind
@@ -27,6 +28,7 @@ from agent.daemon.state import Record, State, Store
 from agent.errors import AgentError, ArchiveError, Cancelled, ContainerdUnavailable
 from agent.importer import PINNED_LABEL, Importer, Progress
 from agent.platforms import Platform
+from agent.pull.engine import Puller
 
 OWNER_LABEL = "image-agent/owner"
 OWNER = "daemon"
@@ -65,6 +67,8 @@ class Daemon:
         metrics: Metrics,
         notifier: Notifier,
         log: structlog.typing.FilteringBoundLogger,
+        puller: Puller | None = None,
+        pull_lists: tuple[Path, ...] = (),
     ) -> None:
         self.s = settings
         self.client = client
@@ -83,6 +87,13 @@ class Daemon:
         self.unavailable_attempts = 0
         importer.progress = self._progress
         self._last_progress_log = 0.0
+        self.puller = puller
+        self.pull_lists = tuple(p.absolute() for p in pull_lists)
+        self._pull_list_stats: dict[Path, files.Stat | None] = {}
+        self._pulls_lock = threading.Lock()
+        if puller is not None:
+            puller.on_change = self._pulls_changed
+            puller.protected = self.archive_images
 
     # -- health ---------------------------------------------------------------
 
@@ -121,7 +132,11 @@ class Daemon:
         # `image-agent retry` drops a request file here; its event wakes the loop.
         self.store.requests_dir.mkdir(parents=True, exist_ok=True)
         observer.schedule(_Handler(self.paths), str(self.store.requests_dir), recursive=False)
+        for parent in {p.parent for p in self.pull_lists if p.parent.is_dir()}:
+            observer.schedule(_Handler(self.paths), str(parent), recursive=False)
         observer.start()
+        if self.puller is not None:
+            self.puller.start()
         try:
             self._startup()
             self.notifier.send("READY=1", f"STATUS=watching {self.s.images_dir}")
@@ -147,6 +162,8 @@ class Daemon:
                 self._wait(stop, timeout)
         finally:
             self.notifier.send("STOPPING=1")
+            if self.puller is not None:
+                self.puller.stop()
             observer.stop()
             observer.join(timeout=5)
             self._save()
@@ -174,8 +191,11 @@ class Daemon:
                 break
         for path in sorted(seen):
             p = Path(path)
+            if p in self.pull_lists:
+                self._load_extra_list(p)
+                continue
             if not p.is_relative_to(self.s.images_dir):
-                continue  # a retry request: taken by the loop
+                continue  # a retry request (taken by the loop) or a neighbour of a list
             if p.is_dir():
                 self._scan(p)
             else:
@@ -194,6 +214,8 @@ class Daemon:
             if not Path(path).exists():
                 self._observe(Path(path))
         self._scan(self.s.images_dir)
+        for p in self.pull_lists:
+            self._load_extra_list(p)
         self._reconcile()
         self._save()
 
@@ -209,6 +231,8 @@ class Daemon:
         obs = plan.Observation(key, kind, files.stat(path), files.platform_in_name(path.name))
         before = self.records.get(key)
         after = plan.observe(before, obs, self.s.platforms)
+        if kind is Kind.PULL_LIST or (before is not None and before.reason.startswith("pull list")):
+            after = self._pull_list(key, before, after)
         if after is None:
             if before is not None:
                 self.log.info("archive.forgotten", file=key, images=before.images)
@@ -231,6 +255,69 @@ class Daemon:
             ):
                 self.log.info("archive.skipped", file=key, reason=after.reason)
             self.records[key] = after
+
+    # -- pull lists ----------------------------------------------------------------
+
+    def _pull_list(self, key: str, before: Record | None, after: Record | None) -> Record | None:
+        """A .txt list in the images directory: (re)load it into the puller when it changed."""
+        if self.puller is None:
+            return after
+        if after is None:
+            self.puller.set_source(key, [], [])
+            return None
+        if before is not None and (before.size, before.mtime_ns) == (after.size, after.mtime_ns):
+            return before
+        entries, problems = self._read_list(Path(key))
+        self.puller.set_source(key, entries, problems)
+        reason = f"pull list: {len(entries)} image(s)"
+        if problems:
+            reason += f", {len(problems)} invalid line(s)"
+        return replace(after, reason=reason)
+
+    def _load_extra_list(self, path: Path) -> None:
+        """A --pull-list file: (re)load it when its size or mtime changed."""
+        if self.puller is None:
+            return
+        st = files.stat(path)
+        if path in self._pull_list_stats and self._pull_list_stats[path] == st:
+            return
+        self._pull_list_stats[path] = st
+        if st is None:
+            self.log.warning("pull_list.missing", file=str(path))
+            self.puller.set_source(str(path), [], [])
+            return
+        self.puller.set_source(str(path), *self._read_list(path))
+
+    def _read_list(self, path: Path) -> tuple[list[lists.Entry], list[lists.Problem]]:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError as err:
+            self.log.warning("pull_list.unreadable", file=str(path), error=str(err))
+            return [], []
+        entries, problems = lists.parse(text, str(path))
+        self.log.info(
+            "pull_list.loaded", file=str(path), images=len(entries), invalid=len(problems)
+        )
+        return entries, problems
+
+    def archive_images(self) -> set[str]:
+        """Images of imported archives: they stay pinned while their archive is present."""
+        out: set[str] = set()
+        for rec in list(self.records.values()):
+            if rec.state is State.IMPORTED:
+                out.update(rec.images)
+        return out
+
+    def _pulls_changed(self) -> None:
+        assert self.puller is not None
+        with self._pulls_lock:
+            rows = self.puller.snapshot()
+            self.store.save_pulls(rows)
+        wanted = [r for r in rows if r["state"] != "invalid"]
+        self.metrics.images_wanted.set(len(wanted))
+        self.metrics.images_present.set(
+            sum(1 for r in wanted if r["state"] in ("present", "pulled"))
+        )
 
     def _retry(self, path: str) -> None:
         rec = self.records.get(path)
@@ -439,11 +526,11 @@ def status_doc(store: Store) -> dict[str, Any]:
             "running": alive,
             "healthy": alive and fresh and info.get("containerd") == "ok",
         }
+    archives = sorted(store.load().values(), key=lambda r: (r.mtime_ns, r.path))
     return {
         "daemon": daemon,
-        "archives": [
-            r.to_json() for r in sorted(store.load().values(), key=lambda r: (r.mtime_ns, r.path))
-        ],
+        "archives": [r.to_json() for r in archives],
+        "pulls": store.load_pulls(),
     }
 
 

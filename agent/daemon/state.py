@@ -15,6 +15,7 @@ from typing import Any
 
 ARCHIVES_FILE = "archives.json"
 DAEMON_FILE = "daemon.json"
+PULLS_FILE = "pulls.json"
 REQUESTS_DIR = "requests"
 FORMAT_VERSION = 1
 
@@ -117,6 +118,17 @@ class Store:
         except (OSError, ValueError):
             return None
         return doc if isinstance(doc, dict) else None
+
+    def save_pulls(self, rows: list[dict[str, Any]]) -> None:
+        write_atomic(self.dir / PULLS_FILE, json.dumps({"pulls": rows}, indent=1).encode())
+
+    def load_pulls(self) -> list[dict[str, Any]]:
+        try:
+            doc = json.loads((self.dir / PULLS_FILE).read_bytes())
+        except (OSError, ValueError):
+            return []
+        rows = doc.get("pulls") if isinstance(doc, dict) else None
+        return rows if isinstance(rows, list) else []
 
     def request_retry(self, path: str) -> None:
         """Ask the running daemon to import ``path`` again (``image-agent retry``)."""

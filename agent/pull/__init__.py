@@ -1,0 +1,1 @@
+"""Pre-pulling images through the CRI: keep every listed image present and pinned."""

@@ -1,0 +1,338 @@
+"""Keep wanted images present and pinned, pulling through the CRI.
+
+A scheduler thread decides what is due (pure helpers below); a bounded pool
+of workers checks (CRI ImageStatus) and pulls (CRI PullImage). Digest
+references are done once present; tag references are pulled again every
+refresh interval so a moved tag is followed. Failures back off: transient
+ones (registry down, timeouts) briefly, permanent ones (not found,
+unauthorized, invalid) for long, with the reason in the status.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import structlog
+
+from agent import refs
+from agent.containerd.client import Containerd
+from agent.errors import AgentError, ContainerdError, ContainerdUnavailable
+from agent.lists import Entry, Problem
+from agent.pull import auth
+
+PINNED_LABEL = "io.cri-containerd.pinned"
+
+
+class PullState(StrEnum):
+    PRESENT = "present"
+    PULLING = "pulling"
+    PULLED = "pulled"
+    RETRYING = "retrying"
+    FAILED = "failed"
+    INVALID = "invalid"
+
+
+@dataclass
+class PullStatus:
+    image: str
+    sources: list[str]
+    state: PullState = PullState.PULLING
+    attempts: int = 0
+    last_error: str = ""
+    next_retry_at: float | None = None  # wall clock, for people
+    duration_s: float | None = None
+    image_id: str = ""
+    due: float = 0.0  # monotonic
+    busy: bool = False
+    failures: int = field(default=0, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "image": self.image,
+            "state": str(self.state),
+            "source": ", ".join(self.sources),
+            "attempts": self.attempts,
+            "last_error": self.last_error,
+            "next_retry_at": self.next_retry_at,
+            "duration_s": self.duration_s,
+            "image_id": self.image_id,
+        }
+
+
+@dataclass(frozen=True)
+class Failure:
+    permanent: bool
+    reason: str
+
+
+def classify(err: AgentError) -> Failure:
+    """Permanent (not found, unauthorized, invalid) or transient, with a short reason."""
+    text = str(err)
+    lowered = text.lower()
+    code = err.code if isinstance(err, ContainerdError) else ""
+    if isinstance(err, ContainerdUnavailable) and "pull" not in lowered:
+        return Failure(False, f"containerd unavailable: {text}")
+    if code == "NOT_FOUND" or ": not found" in lowered or "manifest unknown" in lowered:
+        return Failure(True, f"not found: {text}")
+    if any(
+        s in lowered
+        for s in (
+            "401",
+            "unauthorized",
+            "authorization failed",
+            "403",
+            "forbidden",
+            "pull access denied",
+        )
+    ):
+        return Failure(True, f"unauthorized: {text}")
+    if code == "INVALID_ARGUMENT" or "invalid reference" in lowered:
+        return Failure(True, f"invalid: {text}")
+    if code == "DEADLINE_EXCEEDED":
+        return Failure(False, f"timeout: {text}")
+    return Failure(False, text)
+
+
+def retry_delay(failures: int, permanent: bool, rng: random.Random) -> float:
+    """Capped exponential backoff with jitter (seconds).
+
+    Transient: 2 s doubling to 5 min. Permanent: 10 min doubling to 6 h.
+    """
+    base, cap = (600.0, 6 * 3600.0) if permanent else (2.0, 300.0)
+    delay = min(cap, base * 2.0 ** max(0, failures - 1))
+    return delay * rng.uniform(0.8, 1.2)
+
+
+def is_digest_ref(ref: str) -> bool:
+    try:
+        return refs.parse(ref).digest is not None
+    except refs.InvalidReference:
+        return False
+
+
+class Puller:
+    """The wanted set (union of all sources) and the work of keeping it present."""
+
+    def __init__(
+        self,
+        client: Containerd,
+        *,
+        credentials: dict[str, auth.Credentials],
+        concurrency: int = 3,
+        timeout_s: float = 1800.0,
+        refresh_s: float = 3600.0,
+        log: structlog.typing.FilteringBoundLogger,
+        on_change: Callable[[], None] = lambda: None,
+        protected: Callable[[], set[str]] = set,
+        observe: Callable[[str, float | None], None] = lambda outcome, seconds: None,
+    ) -> None:
+        self.client = client
+        self.credentials = credentials
+        self.concurrency = max(1, concurrency)
+        self.timeout_s = timeout_s
+        self.refresh_s = refresh_s
+        self.log = log
+        self.on_change = on_change
+        self.protected = protected
+        self.observe = observe
+        self.sources: dict[str, tuple[list[Entry], list[Problem]]] = {}
+        self.status: dict[str, PullStatus] = {}
+        self._cond = threading.Condition()
+        self._stop = False
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pull")
+        self._thread = threading.Thread(target=self._schedule, name="pull-scheduler", daemon=True)
+        self._rng = random.Random()
+
+    # -- the wanted set ---------------------------------------------------------
+
+    def set_source(self, source: str, entries: list[Entry], problems: list[Problem]) -> None:
+        """Replace what ``source`` asks for (an empty list removes the source)."""
+        for p in problems:
+            self.log.warning("pull_list.invalid_line", file=p.source, line=p.line, error=p.reason)
+        removed: list[str] = []
+        with self._cond:
+            if entries or problems:
+                self.sources[source] = (entries, problems)
+            else:
+                self.sources.pop(source, None)
+            wanted: dict[str, list[str]] = {}
+            for ents, _ in self.sources.values():
+                for e in ents:
+                    wanted.setdefault(e.ref, []).append(e.where)
+            for ref in list(self.status):
+                if ref not in wanted:
+                    removed.append(ref)
+                    del self.status[ref]
+            for ref, where in wanted.items():
+                st = self.status.get(ref)
+                if st is None:
+                    self.status[ref] = PullStatus(ref, where)
+                else:
+                    st.sources = where
+            self._cond.notify_all()
+        for ref in removed:
+            self._unpin(ref)
+        self.on_change()
+
+    def wanted(self) -> set[str]:
+        with self._cond:
+            return set(self.status)
+
+    def problems(self) -> list[Problem]:
+        with self._cond:
+            return [p for _, probs in self.sources.values() for p in probs]
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every wanted image and every invalid line, for ``image-agent status``."""
+        with self._cond:
+            rows = [st.to_json() for st in sorted(self.status.values(), key=lambda s: s.image)]
+            for p in self.problems():
+                rows.append(
+                    {
+                        "image": p.text,
+                        "state": str(PullState.INVALID),
+                        "source": f"{p.source}:{p.line}",
+                        "attempts": 0,
+                        "last_error": p.reason,
+                        "next_retry_at": None,
+                        "duration_s": None,
+                        "image_id": "",
+                    }
+                )
+        return rows
+
+    # -- running ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _schedule(self) -> None:
+        """Hand due images to the workers, at most ``concurrency`` at a time."""
+        with self._cond:
+            while not self._stop:
+                now = time.monotonic()
+                free = self.concurrency - sum(1 for st in self.status.values() if st.busy)
+                due = sorted(
+                    (st for st in self.status.values() if not st.busy and st.due <= now),
+                    key=lambda st: (st.due, st.image),
+                )
+                for st in due[: max(0, free)]:
+                    st.busy = True
+                    self._pool.submit(self._work, st.image)
+                later = [
+                    st.due for st in self.status.values() if not st.busy and now < st.due < math.inf
+                ]
+                # More due than free workers: wait for one to finish (it notifies).
+                timeout = None if len(due) > free or not later else min(later) - now
+                self._cond.wait(timeout)
+
+    def _work(self, ref: str) -> None:
+        started = time.monotonic()
+        outcome: str
+        try:
+            outcome, image_id = self.ensure(ref)
+        except AgentError as err:
+            failure = classify(err)
+            with self._cond:
+                st = self.status.get(ref)
+                if st is not None:
+                    st.failures += 1
+                    st.attempts += 1
+                    st.last_error = failure.reason
+                    st.state = PullState.FAILED if failure.permanent else PullState.RETRYING
+                    delay = retry_delay(st.failures, failure.permanent, self._rng)
+                    st.due = time.monotonic() + delay
+                    st.next_retry_at = time.time() + delay
+                    st.busy = False
+                    self._cond.notify_all()
+            self.observe("failed" if failure.permanent else "retrying", None)
+            self.log.warning(
+                "pull.failed",
+                image=ref,
+                error=failure.reason,
+                permanent=failure.permanent,
+                retry_in_s=round(delay, 1),
+            )
+        else:
+            seconds = time.monotonic() - started
+            with self._cond:
+                st = self.status.get(ref)
+                if st is not None:
+                    st.state = PullState(outcome)
+                    st.image_id = image_id
+                    st.failures = 0
+                    st.last_error = ""
+                    st.next_retry_at = None
+                    if outcome == PullState.PULLED:
+                        st.attempts += 1
+                        st.duration_s = round(seconds, 3)
+                    st.due = math.inf if is_digest_ref(ref) else time.monotonic() + self.refresh_s
+                    st.busy = False
+                    self._cond.notify_all()
+            self.observe(outcome, seconds if outcome == PullState.PULLED else None)
+            if outcome == PullState.PULLED:
+                self.log.info("pull.done", image=ref, digest=image_id, duration_s=round(seconds, 3))
+        self.on_change()
+
+    # -- one image ------------------------------------------------------------------
+
+    def ensure(self, ref: str) -> tuple[str, str]:
+        """Make ``ref`` present and pinned; returns (``present``|``pulled``, image id).
+
+        A present digest reference is done. A present tag is pulled again only
+        when it was seen before (a refresh), to follow a moved tag.
+        """
+        with self._cond:
+            st = self.status.get(ref)
+            refreshing = st is not None and st.state in (PullState.PRESENT, PullState.PULLED)
+            if st is not None and not refreshing:
+                st.state = PullState.PULLING
+        current = self.client.cri_image_status(ref)
+        if current is not None and (is_digest_ref(ref) or not refreshing):
+            self._pin(ref)
+            return str(PullState.PRESENT), current.id
+        creds = auth.for_ref(self.credentials, ref)
+        self.log.info(
+            "pull.started", image=ref, refresh=refreshing, authenticated=creds is not None
+        )
+        image_id = self.client.cri_pull(
+            ref,
+            username=creds.username if creds else "",
+            password=creds.password if creds else "",
+            server=creds.server if creds else "",
+            identity_token=creds.identity_token if creds else "",
+            timeout=self.timeout_s,
+        )
+        self._pin(ref)
+        if current is not None and current.id == image_id:
+            return str(PullState.PRESENT), image_id
+        return str(PullState.PULLED), image_id
+
+    def _pin(self, ref: str) -> None:
+        self.client.label_image(ref, {PINNED_LABEL: "pinned"})
+
+    def _unpin(self, ref: str) -> None:
+        """No list wants ``ref`` any more: let kubelet GC have it (unless an archive holds it)."""
+        if ref in self.protected():
+            return
+        try:
+            self.client.unlabel_image(ref, PINNED_LABEL)
+            self.log.info("image.unpinned", image=ref)
+        except AgentError as err:
+            self.log.warning("image.unpin_failed", image=ref, error=str(err))

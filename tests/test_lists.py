@@ -1,0 +1,48 @@
+"""Pull-list parsing (pure): the formats admins already have."""
+
+from __future__ import annotations
+
+from agent import lists
+
+
+def test_plain_list_with_comments_and_invalid_lines() -> None:
+    """k3s-style lists: invalid lines are reported with file and line; valid ones still count."""
+    text = "# workspace images\n\nalpine:3.19\nquay.io/che/udi:latest  # the UDI\nNot Valid!\n" + "x:" + "t" * 129 + "\n"
+    entries, problems = lists.parse(text, "images/ws.txt")
+    assert [e.ref for e in entries] == ["docker.io/library/alpine:3.19", "quay.io/che/udi:latest"]
+    assert [e.where for e in entries] == ["images/ws.txt:3", "images/ws.txt:4"]
+    assert [(p.line, p.source) for p in problems] == [(5, "images/ws.txt"), (6, "images/ws.txt")]
+    assert "invalid tag" in problems[1].reason
+
+
+def test_image_puller_images_string() -> None:
+    """IMAGES=name=image;name2=image2; on one line or several, with or without the prefix."""
+    text = 'IMAGES="java11=quay.io/eclipse/che-java11-maven:next;theia=quay.io/eclipse/che-theia:next;"\n' \
+           "node=node:18;\nbroken;\n"
+    entries, problems = lists.parse(text, "cm")
+    assert [(e.name, e.ref) for e in entries] == [
+        ("java11", "quay.io/eclipse/che-java11-maven:next"),
+        ("theia", "quay.io/eclipse/che-theia:next"),
+        ("node", "docker.io/library/node:18"),
+    ]
+    assert len(problems) == 1 and problems[0].line == 3 and "name=image" in problems[0].reason
+
+
+def test_related_image_variables() -> None:
+    text = (
+        "RELATED_IMAGE_editor_definition_che_code=quay.io/che-incubator/che-code:7.80\n"
+        "export RELATED_IMAGE_sample_devfile_go='quay.io/devfile/universal-developer-image@sha256:"
+        + "a" * 64 + "'\n"
+    )
+    entries, problems = lists.parse(text, "operator.env")
+    assert problems == []
+    assert entries[0].name == "editor_definition_che_code"
+    assert entries[1].ref.endswith("@sha256:" + "a" * 64)
+
+
+def test_union_keeps_every_source() -> None:
+    a, _ = lists.parse("alpine\n", "a.txt")
+    b, _ = lists.parse("docker.io/library/alpine:latest\nbusybox\n", "b.txt")
+    u = lists.union(a, b)
+    assert list(u) == ["docker.io/library/alpine:latest", "docker.io/library/busybox:latest"]
+    assert [e.where for e in u["docker.io/library/alpine:latest"]] == ["a.txt:1", "b.txt:1"]
