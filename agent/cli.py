@@ -338,8 +338,19 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
         unpack=dcfg.unpack,
     )
     metrics = Metrics()
+    pcfg = config.resolve(config.PullConfig, args)
+    puller = _puller(client, pcfg, log)
+    puller.observe = metrics.pull_outcome
     daemon = Daemon(
-        settings, client, importer, Store(Path(dcfg.state_dir)), metrics, Notifier(), log
+        settings,
+        client,
+        importer,
+        Store(Path(dcfg.state_dir)),
+        metrics,
+        Notifier(),
+        log,
+        puller=puller,
+        pull_lists=tuple(Path(p) for p in pcfg.pull_lists),
     )
     server = None
     if dcfg.listen:

@@ -279,3 +279,84 @@ def daemon(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped-d
     for d in procs:
         if d.proc is not None:
             d.kill()
+
+
+class Registry:
+    """A real docker-registry (distribution) on 127.0.0.1, optionally behind htpasswd."""
+
+    def __init__(self, base: Path, user: str = "", password: str = "") -> None:
+        self.base = base
+        self.port = free_port()
+        self.user, self.password = user, password
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        import urllib.error
+        import urllib.request
+
+        self.base.mkdir(parents=True, exist_ok=True)
+        auth = ""
+        if self.user:
+            htpasswd = subprocess.run(
+                ["htpasswd", "-Bbn", self.user, self.password],
+                capture_output=True, text=True, check=True,
+            ).stdout
+            (self.base / "htpasswd").write_text(htpasswd)
+            auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {self.base / 'htpasswd'}\n"
+        (self.base / "config.yml").write_text(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {self.base / 'data'}\n  delete:\n    enabled: true\n"
+            f"http:\n  addr: {self.host}\n{auth}"
+        )
+        with open(self.base / "registry.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["docker-registry", "serve", str(self.base / "config.yml")],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+
+        def up() -> bool:
+            try:
+                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
+            except urllib.error.HTTPError:
+                return True  # 401 with auth: it answers
+            except OSError:
+                return False
+            return True
+
+        wait_for(up, 30, "docker-registry to answer")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+    def push(self, archive: Path, ref: str) -> None:
+        """Push an OCI archive as ``<this registry>/<ref>`` with skopeo."""
+        creds = ["--dest-creds", f"{self.user}:{self.password}"] if self.user else []
+        subprocess.run(
+            ["skopeo", "copy", "-q", "--dest-tls-verify=false", *creds,
+             f"oci-archive:{archive}", f"docker://{self.host}/{ref}"],
+            check=True, capture_output=True, timeout=120,
+        )
+
+
+@pytest.fixture
+def registry(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Start registries on demand; the test's containerd may pull from them over plain HTTP."""
+    started: list[Registry] = []
+
+    def make(user: str = "", password: str = "") -> Registry:
+        r = Registry(tmp_path / f"registry{len(started)}", user, password)
+        r.start()
+        ctd.registry_plain_http(r.host)
+        started.append(r)
+        return r
+
+    yield make
+    for r in started:
+        r.stop()

@@ -495,7 +495,13 @@ class Containerd:
         identity_token: str = "",
         timeout: float | None = None,
     ) -> str:
-        """Pull through the CRI (so registry mirrors and hosts.toml apply); returns the image id."""
+        """Pull through the CRI (so registry mirrors and hosts.toml apply); returns the image id.
+
+        Credentials are chosen per registry by the caller. ``server`` stays empty
+        unless set: the CRI compares it, as a URL, with the host it contacts
+        (``registry-1.docker.io`` for docker.io), and drops the credentials on
+        a mismatch.
+        """
         auth = None
         if username or password or identity_token:
             auth = api_pb2.AuthConfig(

@@ -315,7 +315,6 @@ class Puller:
             ref,
             username=creds.username if creds else "",
             password=creds.password if creds else "",
-            server=creds.server if creds else "",
             identity_token=creds.identity_token if creds else "",
             timeout=self.timeout_s,
         )
