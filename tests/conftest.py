@@ -303,7 +303,9 @@ class Registry:
         if self.user:
             htpasswd = subprocess.run(
                 ["htpasswd", "-Bbn", self.user, self.password],
-                capture_output=True, text=True, check=True,
+                capture_output=True,
+                text=True,
+                check=True,
             ).stdout
             (self.base / "htpasswd").write_text(htpasswd)
             auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {self.base / 'htpasswd'}\n"
@@ -315,7 +317,8 @@ class Registry:
         with open(self.base / "registry.log", "ab") as log:
             self.proc = subprocess.Popen(
                 ["docker-registry", "serve", str(self.base / "config.yml")],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
 
         def up() -> bool:
@@ -339,9 +342,18 @@ class Registry:
         """Push an OCI archive as ``<this registry>/<ref>`` with skopeo."""
         creds = ["--dest-creds", f"{self.user}:{self.password}"] if self.user else []
         subprocess.run(
-            ["skopeo", "copy", "-q", "--dest-tls-verify=false", *creds,
-             f"oci-archive:{archive}", f"docker://{self.host}/{ref}"],
-            check=True, capture_output=True, timeout=120,
+            [
+                "skopeo",
+                "copy",
+                "-q",
+                "--dest-tls-verify=false",
+                *creds,
+                f"oci-archive:{archive}",
+                f"docker://{self.host}/{ref}",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
         )
 
 

@@ -7,7 +7,12 @@ from agent import lists
 
 def test_plain_list_with_comments_and_invalid_lines() -> None:
     """k3s-style lists: invalid lines are reported with file and line; valid ones still count."""
-    text = "# workspace images\n\nalpine:3.19\nquay.io/che/udi:latest  # the UDI\nNot Valid!\n" + "x:" + "t" * 129 + "\n"
+    text = (
+        "# workspace images\n\nalpine:3.19\nquay.io/che/udi:latest  # the UDI\nNot Valid!\n"
+        + "x:"
+        + "t" * 129
+        + "\n"
+    )
     entries, problems = lists.parse(text, "images/ws.txt")
     assert [e.ref for e in entries] == ["docker.io/library/alpine:3.19", "quay.io/che/udi:latest"]
     assert [e.where for e in entries] == ["images/ws.txt:3", "images/ws.txt:4"]
@@ -17,8 +22,10 @@ def test_plain_list_with_comments_and_invalid_lines() -> None:
 
 def test_image_puller_images_string() -> None:
     """IMAGES=name=image;name2=image2; on one line or several, with or without the prefix."""
-    text = 'IMAGES="java11=quay.io/eclipse/che-java11-maven:next;theia=quay.io/eclipse/che-theia:next;"\n' \
-           "node=node:18;\nbroken;\n"
+    text = (
+        'IMAGES="java11=quay.io/eclipse/che-java11-maven:next;theia=quay.io/eclipse/che-theia:next;"\n'
+        "node=node:18;\nbroken;\n"
+    )
     entries, problems = lists.parse(text, "cm")
     assert [(e.name, e.ref) for e in entries] == [
         ("java11", "quay.io/eclipse/che-java11-maven:next"),
@@ -32,7 +39,8 @@ def test_related_image_variables() -> None:
     text = (
         "RELATED_IMAGE_editor_definition_che_code=quay.io/che-incubator/che-code:7.80\n"
         "export RELATED_IMAGE_sample_devfile_go='quay.io/devfile/universal-developer-image@sha256:"
-        + "a" * 64 + "'\n"
+        + "a" * 64
+        + "'\n"
     )
     entries, problems = lists.parse(text, "operator.env")
     assert problems == []

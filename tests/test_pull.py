@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from agent import samples
 from agent.containerd import Containerd
 from agent.importer import PINNED_LABEL
 from agent.platforms import Platform
-from tests.conftest import ROOT, Registry, wait_for
+from tests.conftest import Registry, wait_for
 from tests.helpers import assert_pinned, cri_by_tag
 
 pytestmark = pytest.mark.containerd
@@ -23,7 +21,9 @@ pytestmark = pytest.mark.containerd
 
 def oci(tmp_path: Path, name: str, node: Platform, payload: bytes = b"") -> Path:
     path = tmp_path / f"{name.replace('/', '_').replace(':', '_')}.tar"
-    path.write_bytes(samples.oci_archive([samples.simple_image(name, {"f": payload or name.encode()}, node)]))
+    path.write_bytes(
+        samples.oci_archive([samples.simple_image(name, {"f": payload or name.encode()}, node)])
+    )
     return path
 
 
@@ -36,7 +36,9 @@ def pulls(d) -> dict[str, dict]:  # type: ignore[no-untyped-def,type-arg]
     return {p["image"]: p for p in d.status()["pulls"]}
 
 
-def test_pull_list_with_invalid_lines(daemon, registry, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_pull_list_with_invalid_lines(
+    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """Valid lines of a .txt list are pulled and pinned; invalid ones are reported with file and line."""
     reg = registry()
     a = push(reg, tmp_path, node, "team/a:1")
@@ -45,7 +47,9 @@ def test_pull_list_with_invalid_lines(daemon, registry, client: Containerd, node
     d.start()
     lst = d.images / "workspace.txt"
     lst.write_text(f"# warm these\n{a}\nNOT A REF\n\n{b}\n")
-    wait_for(lambda: all(pulls(d).get(r, {}).get("state") == "pulled" for r in (a, b)), 60, "both pulled")
+    wait_for(
+        lambda: all(pulls(d).get(r, {}).get("state") == "pulled" for r in (a, b)), 60, "both pulled"
+    )
     assert {a, b} <= set(cri_by_tag(client))
     assert_pinned(client, a)
     invalid = [p for p in d.status()["pulls"] if p["state"] == "invalid"]
@@ -53,7 +57,9 @@ def test_pull_list_with_invalid_lines(daemon, registry, client: Containerd, node
     assert pulls(d)[a]["source"] == f"{lst}:2"
 
 
-def test_registry_down_then_back(daemon, registry, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_registry_down_then_back(
+    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """Pulls against a stopped registry back off (no hot loop) and succeed once it is back."""
     reg = registry()
     ref = push(reg, tmp_path, node, "flaky/img:1")
@@ -72,12 +78,16 @@ def test_registry_down_then_back(daemon, registry, client: Containerd, node: Pla
     assert ref in cri_by_tag(client)
 
 
-def test_auth_file_and_wrong_credentials(registry, cli, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_auth_file_and_wrong_credentials(
+    registry, cli, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """--auth-file credentials pull from an htpasswd registry; wrong ones fail as unauthorized."""
     reg = registry("agent", "s3cret-pw")
     ref = push(reg, tmp_path, node, "private/app:1")
     good = tmp_path / "good.json"
-    good.write_text(json.dumps({"auths": {reg.host: {"auth": "YWdlbnQ6czNjcmV0LXB3"}}}))  # agent:s3cret-pw
+    good.write_text(
+        json.dumps({"auths": {reg.host: {"auth": "YWdlbnQ6czNjcmV0LXB3"}}})
+    )  # agent:s3cret-pw
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"auths": {reg.host: {"username": "agent", "password": "nope"}}}))
 
@@ -97,7 +107,9 @@ def test_auth_file_and_wrong_credentials(registry, cli, client: Containerd, node
     assert again.out.startswith(f"present {ref}")
 
 
-def test_auth_failure_in_daemon_is_failed_unauthorized(daemon, registry, node: Platform, tmp_path: Path) -> None:
+def test_auth_failure_in_daemon_is_failed_unauthorized(
+    daemon, registry, node: Platform, tmp_path: Path
+) -> None:
     """In the daemon, wrong credentials give state failed with reason unauthorized and a long backoff."""
     reg = registry("agent", "s3cret-pw")
     ref = push(reg, tmp_path, node, "private/x:1")
@@ -112,7 +124,9 @@ def test_auth_failure_in_daemon_is_failed_unauthorized(daemon, registry, node: P
     assert "wrong" not in d.log_path.read_text()
 
 
-def test_moved_tag_is_pulled_again_after_refresh(daemon, registry, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_moved_tag_is_pulled_again_after_refresh(
+    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """A tag moved in the registry is followed after the refresh interval."""
     reg = registry()
     ref = push(reg, tmp_path, node, "moving/img:stable", b"v1")
@@ -126,7 +140,9 @@ def test_moved_tag_is_pulled_again_after_refresh(daemon, registry, client: Conta
     assert_pinned(client, ref)
 
 
-def test_removed_from_list_is_unpinned_not_deleted(daemon, registry, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_removed_from_list_is_unpinned_not_deleted(
+    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """An image that leaves every list is unpinned (kubelet GC may take it) but not deleted."""
     reg = registry()
     keep = push(reg, tmp_path, node, "l/keep:1")
@@ -135,16 +151,28 @@ def test_removed_from_list_is_unpinned_not_deleted(daemon, registry, client: Con
     d.start()
     lst = d.images / "l.txt"
     lst.write_text(f"{keep}\n{drop}\n")
-    wait_for(lambda: all(pulls(d).get(r, {}).get("state") == "pulled" for r in (keep, drop)), 60, "pulled")
+    wait_for(
+        lambda: all(pulls(d).get(r, {}).get("state") == "pulled" for r in (keep, drop)),
+        60,
+        "pulled",
+    )
     lst.write_text(f"{keep}\n")
-    wait_for(lambda: (client.get_image(drop) or client.get_image(keep)) and
-             PINNED_LABEL not in client.get_image(drop).labels, 30, "unpinned")  # type: ignore[union-attr]
+    wait_for(
+        lambda: (
+            (client.get_image(drop) or client.get_image(keep))
+            and PINNED_LABEL not in client.get_image(drop).labels
+        ),
+        30,
+        "unpinned",
+    )  # type: ignore[union-attr]
     assert drop in cri_by_tag(client)
     assert_pinned(client, keep)
     assert drop not in pulls(d)
 
 
-def test_thirty_images_with_concurrency(daemon, registry, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_thirty_images_with_concurrency(
+    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """30 listed images are all pulled and pinned, at most --pull-concurrency at a time, more than one at once."""
     reg = registry()
     refs_ = [push(reg, tmp_path, node, f"many/img{i}:1", os.urandom(256 << 10)) for i in range(30)]
@@ -152,7 +180,9 @@ def test_thirty_images_with_concurrency(daemon, registry, client: Containerd, no
     lst.write_text("\n".join(refs_) + "\n")
     d = daemon("--pull-list", str(lst), "--pull-concurrency", "3")
     d.start()
-    wait_for(lambda: sum(p["state"] == "pulled" for p in d.status()["pulls"]) == 30, 120, "30 pulled")
+    wait_for(
+        lambda: sum(p["state"] == "pulled" for p in d.status()["pulls"]) == 30, 120, "30 pulled"
+    )
     assert set(refs_) <= set(cri_by_tag(client))
     for r in refs_:
         assert_pinned(client, r)
@@ -166,7 +196,9 @@ def test_thirty_images_with_concurrency(daemon, registry, client: Containerd, no
     assert 1 < peak <= 3
 
 
-def test_archive_images_stay_pinned_when_list_drops_them(daemon, registry, client: Containerd, node: Platform, tmp_path: Path) -> None:
+def test_archive_images_stay_pinned_when_list_drops_them(
+    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
     """An image both imported from an archive and listed stays pinned when the list drops it."""
     reg = registry()
     ref = push(reg, tmp_path, node, "both/img:1")
