@@ -169,18 +169,25 @@ def test_other_platform_and_pull_lists_are_skipped(
     assert d.record(ignored) is None
 
 
+def drop_big_archive(d, name: str, node: Platform, layers: int = 4, mib: int = 40) -> Path:  # type: ignore[no-untyped-def]
+    """Build a docker archive of ``layers`` incompressible layers beside the images dir, then move it in."""
+    content = tuple(samples.Layer({f"blob{i}": os.urandom(mib << 20)}) for i in range(layers))
+    staging = d.images.parent / "staging.tar"
+    staging.write_bytes(
+        samples.docker_archive([samples.SampleImage(name, (samples.Variant(node, content),))])
+    )
+    path = d.images / "big.tar"
+    os.rename(staging, path)
+    return path
+
+
 def test_kill_9_mid_import_then_restart(
     daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
 ) -> None:
     """kill -9 during a large import: after restart the import completes, with no stale lease or duplicate."""
     d = daemon()
-    layers = tuple(samples.Layer({f"blob{i}": os.urandom(40 << 20)}) for i in range(4))
-    big = d.images.parent / "big.tar"
-    big.write_bytes(
-        samples.docker_archive([samples.SampleImage("big:1", (samples.Variant(node, layers),))])
-    )
     d.start()
-    os.rename(big, d.images / "big.tar")
+    drop_big_archive(d, "big:1", node)
     wait_for(lambda: d.named("import.started"), 30, "the import to start")
     wait_for(lambda: client.leases(), 30, "the import's lease")
     d.kill()
@@ -197,13 +204,8 @@ def test_containerd_restart_mid_import_is_retried(
 ) -> None:
     """containerd going away mid-import defers the archive (not failed) and it completes once containerd is back."""
     d = daemon()
-    layers = tuple(samples.Layer({f"blob{i}": os.urandom(40 << 20)}) for i in range(4))
-    big = d.images.parent / "big.tar"
-    big.write_bytes(
-        samples.docker_archive([samples.SampleImage("cr:1", (samples.Variant(node, layers),))])
-    )
     d.start()
-    os.rename(big, d.images / "big.tar")
+    drop_big_archive(d, "cr:1", node)
     wait_for(lambda: client.leases(), 30, "the import's lease")
     ctd.kill()
     wait_for(lambda: d.named("import.deferred"), 30, "the import to be deferred")
@@ -241,19 +243,14 @@ def test_sigterm_exits_zero_quickly(daemon, node: Platform) -> None:
     """SIGTERM during an import ends the daemon with exit 0 within 10 s and releases the lease."""
     d = daemon()
     d.start()
-    layers = tuple(samples.Layer({f"b{i}": os.urandom(30 << 20)}) for i in range(3))
-    big = d.images.parent / "t.tar"
-    big.write_bytes(
-        samples.docker_archive([samples.SampleImage("term:1", (samples.Variant(node, layers),))])
-    )
-    os.rename(big, d.images / "t.tar")
+    big = drop_big_archive(d, "term:1", node, layers=3, mib=30)
     wait_for(lambda: d.named("import.started"), 30, "the import to start")
     start = time.monotonic()
     assert d.stop(timeout=10) == 0
     assert time.monotonic() - start < 10
     with Containerd(d.ctd.address) as c:
         assert_no_leases(c)
-    assert d.record(d.images / "t.tar")["state"] == "pending"  # type: ignore[index]
+    assert d.record(big)["state"] == "pending"  # type: ignore[index]
 
 
 def test_metrics_and_healthz(daemon, node: Platform) -> None:
