@@ -369,3 +369,26 @@ def test_systemd_notify_ready_and_watchdog(ctd: PrivateContainerd, tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
         sock.close()
+
+
+def test_healthz_follows_containerd_while_idle(daemon, ctd: PrivateContainerd) -> None:
+    """An idle daemon notices containerd going away (503, status unhealthy) and coming back."""
+    import urllib.error
+
+    d = daemon()
+    d.start()
+    url = f"http://127.0.0.1:{d.port}/healthz"
+
+    def code() -> int:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+    assert code() == 200
+    ctd.kill()
+    wait_for(lambda: code() == 503, 30, "healthz to report containerd down")
+    wait_for(lambda: not d.status()["daemon"]["healthy"], 30, "status to say unhealthy")
+    ctd.start()
+    wait_for(lambda: code() == 200, 30, "healthz to recover")

@@ -107,8 +107,12 @@ class Daemon:
             return
         self.last_heartbeat = now
         self.notifier.send("WATCHDOG=1")
-        if not self.containerd_ok:
+        was_ok = self.containerd_ok
+        self._check_containerd()
+        if self.containerd_ok and not was_ok:
             self._containerd_back()
+        elif was_ok and not self.containerd_ok:
+            self.log.warning("containerd.unavailable", address=self.client.address)
         pending = sum(1 for r in self.records.values() if r.state is State.PENDING)
         self.metrics.pending.set(pending)
         self.store.save_daemon(
@@ -388,7 +392,9 @@ class Daemon:
             self.log.error("import.failed", file=path, error=str(err))
         else:
             self.unavailable_attempts = 0
-            self.containerd_ok = True
+            if not self.containerd_ok:
+                self.containerd_ok = True
+                self._containerd_back()
             names = [i.name for i in result.images]
             self.records[path] = replace(
                 rec, state=State.IMPORTED, images=names, finished_at=time.time(), reason=""
@@ -451,12 +457,10 @@ class Daemon:
 
     def _containerd_back(self) -> None:
         """containerd answers again: do the start-up work that needed it."""
-        self._check_containerd()
-        if self.containerd_ok:
-            self.log.info("containerd.available", address=self.client.address)
-            self._cleanup_leases()
-            self._reconcile()
-            self._save()
+        self.log.info("containerd.available", address=self.client.address)
+        self._cleanup_leases()
+        self._reconcile()
+        self._save()
 
     def _check_containerd(self) -> None:
         try:
@@ -464,6 +468,7 @@ class Daemon:
             self.containerd_ok = True
         except ContainerdUnavailable:
             self.containerd_ok = False
+        self.metrics.containerd_up.set(1 if self.containerd_ok else 0)
 
     def _cleanup_leases(self) -> None:
         """Leases of an earlier daemon that died mid-import (kill -9): release them."""
