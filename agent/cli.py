@@ -13,6 +13,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -23,7 +24,7 @@ import structlog
 from agent import __version__, config, logs, platforms, report
 from agent.containerd.client import Containerd, CriImage, default_address
 from agent.errors import AgentError, ArchiveError, ContainerdUnavailable, UsageError
-from agent.importer import PINNED_LABEL, Importer, ImportOptions, ImportResult
+from agent.importer import PINNED_LABEL, Importer, ImportOptions, ImportResult, Progress
 from agent.pull import auth as pull_auth
 from agent.pull.engine import Puller
 
@@ -81,6 +82,39 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(pull, config.PullConfig)
     config.add_arguments(pull, config.ContainerdConfig)
 
+    bundle = sub.add_parser(
+        "bundle", help="pull listed images from registries into one air-gap archive"
+    )
+    bundle.add_argument(
+        "--list",
+        action="append",
+        required=True,
+        metavar="FILE",
+        dest="lists",
+        help="image list (pull-list formats; repeatable)",
+    )
+    bundle.add_argument(
+        "--platform",
+        action="append",
+        metavar="OS/ARCH[/VARIANT]",
+        help=f"platform to include (repeatable; default {platforms.node()})",
+    )
+    bundle.add_argument(
+        "-o", "--output", help="archive to write (default: bundle-<platform>.tar.zst)"
+    )
+    bundle.add_argument("--auth-file", default="", help="docker config.json with credentials")
+    bundle.add_argument(
+        "--plain-http",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="registry to reach over plain HTTP (localhost is by default)",
+    )
+
+    verify = sub.add_parser("verify", help="check an archive without importing it")
+    verify.add_argument("files", nargs="+", metavar="FILE")
+    verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
+
     demo = sub.add_parser(
         "demo",
         help="start a private containerd, import a sample archive into it and list the result",
@@ -111,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_retry(args)
         if args.command == "pull":
             return cmd_pull(args)
+        if args.command == "bundle":
+            return cmd_bundle(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         raise UsageError(f"unknown command {args.command}")
     except UsageError as err:
         print(f"image-agent: {err}", file=sys.stderr)
@@ -454,4 +492,103 @@ def cmd_pull(args: argparse.Namespace) -> int:
                     failed += 1
                     continue
                 print(f"{outcome} {ref} {image_id}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from agent import bundle, lists
+    from agent.registry import RegistryClient
+
+    try:
+        wanted_platforms = tuple(platforms.parse(p) for p in args.platform or ()) or (
+            platforms.node(),
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    entries: list[lists.Entry] = []
+    problems: list[lists.Problem] = []
+    for path in args.lists:
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise UsageError(f"--list {path}: {err.strerror or err}") from None
+        e, p = lists.parse(text, path)
+        entries += e
+        problems += p
+    if problems:
+        for problem in problems:
+            print(f"image-agent: {problem}", file=sys.stderr)
+        return EXIT_FAILED
+    refs_ = list(lists.union(entries))
+    if not refs_:
+        raise UsageError("the lists name no image")
+    creds = pull_auth.load(args.auth_file) if args.auth_file else {}
+    client = RegistryClient(creds, plain_http=frozenset(args.plain_http))
+    out = Path(args.output or bundle.default_name(wanted_platforms))
+    print(
+        f"resolving {len(refs_)} image(s) for {', '.join(map(str, wanted_platforms))}",
+        file=sys.stderr,
+    )
+    the_plan = bundle.plan(client, refs_, wanted_platforms)
+    line = report.ProgressLine()
+    start = time.monotonic()
+
+    def progress(done: int, total: int) -> None:
+        line(Progress(str(out), done, total, time.monotonic() - start))
+
+    try:
+        bundle.write(client, the_plan, wanted_platforms, out, progress)
+    finally:
+        line.done()
+    for image in the_plan.images:
+        print(f"{image.name} {image.digest} ({', '.join(image.platforms)})")
+    print(
+        f"{out}: {len(the_plan.images)} image(s), "
+        f"{len(the_plan.docs) + len(the_plan.layers)} blob(s), "
+        f"{report.human_bytes(the_plan.total_size)} uncompressed, "
+        f"{report.human_bytes(out.stat().st_size)} written in {time.monotonic() - start:.1f}s"
+    )
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from agent.verify import verify
+
+    failed = 0
+    reports = []
+    for path in args.files:
+        line = report.ProgressLine()
+        try:
+            rep = verify(path, progress=line)
+        except ArchiveError as err:
+            line.done()
+            print(f"image-agent: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        line.done()
+        doc = {
+            "file": path,
+            "ok": True,
+            "images": [
+                {"name": i.name, "digest": i.digest, "platforms": list(i.platforms)}
+                for i in rep.result.images
+            ],
+            "unnamed": rep.result.unnamed,
+            "platforms": rep.platforms,
+            "absent_platforms": sorted(set(rep.result.absent_platforms)),
+            "blobs": rep.blobs,
+            "total_size": rep.total_size,
+        }
+        reports.append(doc)
+        if args.output == "text":
+            print(
+                f"{path}: ok, {len(doc['images'])} image(s), {rep.blobs} blob(s), "
+                f"{report.human_bytes(rep.total_size)}, platforms {', '.join(rep.platforms)}"
+            )
+            for i in rep.result.images:
+                print(f"  {i.name} {i.digest} ({', '.join(i.platforms)})")
+            if doc["absent_platforms"]:
+                print(f"  not carried: {', '.join(doc['absent_platforms'])}")
+    if args.output == "json":
+        print(json.dumps(reports, indent=2))
     return EXIT_FAILED if failed else EXIT_OK

@@ -36,6 +36,8 @@ CHUNK = 1 << 20
 CACHE_BUDGET = 16 << 20
 
 PINNED_LABEL = "io.cri-containerd.pinned"
+# The contents list written into bundles by ``image-agent bundle``.
+BUNDLE_CONTENTS = "image-agent-bundle.json"
 MANAGED_LABEL = "io.cri-containerd.image"
 GC_CONTENT = "containerd.io/gc.ref.content"
 GC_SNAPSHOT = "containerd.io/gc.ref.snapshot"
@@ -75,6 +77,7 @@ class ImportResult:
     file: str
     images: list[ImportedImage] = field(default_factory=list)
     unnamed: list[str] = field(default_factory=list)
+    absent_platforms: list[str] = field(default_factory=list)
     bytes_read: int = 0
     blobs_written: int = 0
     blobs_present: int = 0
@@ -236,8 +239,8 @@ class _Session:
         if name in (layout.OCI_LAYOUT_FILE, layout.OCI_INDEX_FILE, layout.DOCKER_MANIFEST_FILE):
             self.docs[name] = _read_limited(data, layout.MAX_JSON, name)
             return
-        if name == "repositories" or name.endswith("/json") or name.endswith("/VERSION"):
-            return  # legacy docker metadata, not content
+        if name in ("repositories", BUNDLE_CONTENTS) or name.endswith(("/json", "/VERSION")):
+            return  # docker's legacy metadata and our bundles' contents list: not content
         digest = layout.digest_of_blob_path(name) or layout.digest_of_docker_path(name)
         if digest is None and member.size <= layout.MAX_JSON:
             body = _read_limited(data, layout.MAX_JSON, name)
@@ -385,6 +388,13 @@ class _Session:
             raise ArchiveError(f"{what}: indexes nested too deeply")
         if desc.platform is not None and not self._wanted(desc.platform):
             return False  # another platform's blobs may be absent (ctr export)
+        if (
+            self.options.platforms is None
+            and desc.platform is not None
+            and not self._known(desc.digest)
+        ):
+            self.result.absent_platforms.append(str(desc.platform))
+            return False  # all platforms asked for: import those the archive carries
         data = self._blob(desc.digest, what)
         if layout.sha256(data) != desc.digest:
             raise ArchiveError(f"{what}: content does not match its digest {desc.digest}")

@@ -1,0 +1,192 @@
+"""A small client for the registry HTTP API (distribution v2), for building bundles.
+
+Bundles are made on a connected machine for any platform, so they are
+fetched straight from registries: containerd's CRI only pulls the node's
+own platform. Handles anonymous, basic and bearer-token auth, follows blob
+redirects without leaking credentials to the storage host, and resumes
+interrupted blob downloads with HTTP ranges.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.client import HTTPResponse
+
+from agent.archive import layout
+from agent.errors import AgentError
+from agent.pull import auth
+from agent.refs import Reference
+
+MANIFEST_ACCEPT = ", ".join(
+    [layout.OCI_INDEX, layout.DOCKER_LIST, layout.OCI_MANIFEST, layout.DOCKER_MANIFEST]
+)
+DOCKER_HUB_API = "registry-1.docker.io"
+MAX_MANIFEST = layout.MAX_JSON
+
+
+class RegistryError(AgentError):
+    """The registry refused or failed a request; ``retryable`` for network trouble and 5xx."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    media_type: str
+    digest: str
+    data: bytes
+
+
+class RegistryClient:
+    def __init__(
+        self,
+        credentials: dict[str, auth.Credentials] | None = None,
+        *,
+        plain_http: frozenset[str] = frozenset(),
+        timeout: float = 60.0,
+    ) -> None:
+        self.credentials = credentials or {}
+        self.plain_http = plain_http
+        self.timeout = timeout
+        self._tokens: dict[tuple[str, str], str] = {}
+        self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def _base(self, host: str) -> str:
+        api = DOCKER_HUB_API if host == "docker.io" else host
+        local = host.startswith(("localhost", "127.", "[::1]"))
+        scheme = "http" if host in self.plain_http or local else "https"
+        return f"{scheme}://{api}"
+
+    def _open(self, host: str, path: str, scope: str, headers: dict[str, str]) -> HTTPResponse:
+        """GET with auth negotiation and manual redirects."""
+        url = self._base(host) + path
+        for _ in range(3):
+            req = urllib.request.Request(url, headers=dict(headers))
+            token = self._tokens.get((host, scope))
+            creds = self.credentials.get(auth.host_of(host))
+            if token:
+                req.add_header("Authorization", f"Bearer {token}")
+            elif creds and self._tokens.get((host, "basic")):
+                req.add_header("Authorization", self._basic(creds))
+            try:
+                resp = self._opener.open(req, timeout=self.timeout)
+                return resp  # type: ignore[no-any-return]
+            except urllib.error.HTTPError as err:
+                if err.code in (301, 302, 303, 307, 308):
+                    return self._follow(err.headers.get("Location", ""), url, headers)
+                if err.code == 401 and self._authenticate(host, scope, err.headers, creds):
+                    continue
+                raise self._error(err, url) from None
+            except (urllib.error.URLError, OSError) as err:
+                raise RegistryError(
+                    f"{url}: {getattr(err, 'reason', err)}", retryable=True
+                ) from None
+        raise RegistryError(f"{url}: unauthorized (credentials refused)")
+
+    def _follow(self, location: str, url: str, headers: dict[str, str]) -> HTTPResponse:
+        # Blob storage (S3, CDN) gets no registry credentials.
+        target = urllib.parse.urljoin(url, location)
+        plain = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        try:
+            return urllib.request.urlopen(  # type: ignore[no-any-return]
+                urllib.request.Request(target, headers=plain), timeout=self.timeout
+            )
+        except urllib.error.HTTPError as err:
+            raise self._error(err, target) from None
+        except (urllib.error.URLError, OSError) as err:
+            raise RegistryError(
+                f"{target}: {getattr(err, 'reason', err)}", retryable=True
+            ) from None
+
+    @staticmethod
+    def _basic(creds: auth.Credentials) -> str:
+        raw = f"{creds.username}:{creds.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def _authenticate(
+        self, host: str, scope: str, headers: object, creds: auth.Credentials | None
+    ) -> bool:
+        challenge = getattr(headers, "get", lambda _k, _d=None: None)("WWW-Authenticate", "") or ""
+        if challenge.lower().startswith("basic"):
+            if creds is None or self._tokens.get((host, "basic")):
+                return False
+            self._tokens[(host, "basic")] = "1"
+            return True
+        if not challenge.lower().startswith("bearer") or self._tokens.get((host, scope)):
+            return False
+        params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        realm = params.pop("realm", "")
+        if not realm:
+            return False
+        query = {k: v for k, v in params.items() if k in ("service", "scope")}
+        query.setdefault("scope", scope)
+        req = urllib.request.Request(f"{realm}?{urllib.parse.urlencode(query)}")
+        if creds is not None:
+            req.add_header("Authorization", self._basic(creds))
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                doc = json.loads(resp.read(1 << 20))
+        except urllib.error.HTTPError as err:
+            raise self._error(err, realm) from None
+        except (urllib.error.URLError, OSError, ValueError) as err:
+            raise RegistryError(f"{realm}: token request failed ({err})", retryable=True) from None
+        token = doc.get("token") or doc.get("access_token")
+        if not token:
+            return False
+        self._tokens[(host, scope)] = str(token)
+        return True
+
+    @staticmethod
+    def _error(err: urllib.error.HTTPError, url: str) -> RegistryError:
+        if err.code == 401 or err.code == 403:
+            return RegistryError(f"{url}: unauthorized ({err.code})")
+        if err.code == 404:
+            return RegistryError(f"{url}: not found")
+        return RegistryError(f"{url}: HTTP {err.code} {err.reason}", retryable=err.code >= 500)
+
+    def manifest(self, ref: Reference, reference: str | None = None) -> Manifest:
+        """A manifest or index by tag or digest (``reference`` defaults to the ref's own)."""
+        target = reference or ref.digest or ref.tag or "latest"
+        path = f"/v2/{ref.path}/manifests/{target}"
+        with self._open(
+            ref.domain, path, f"repository:{ref.path}:pull", {"Accept": MANIFEST_ACCEPT}
+        ) as resp:
+            data = resp.read(MAX_MANIFEST + 1)
+            media_type = (resp.headers.get("Content-Type") or "").split(";")[0].strip()
+        if len(data) > MAX_MANIFEST:
+            raise RegistryError(f"{ref}: manifest larger than {MAX_MANIFEST >> 20} MiB")
+        digest = layout.sha256(data)
+        if target.startswith("sha256:") and digest != target:
+            raise RegistryError(f"{ref}: manifest does not match its digest {target}")
+        return Manifest(media_type, digest, data)
+
+    def blob(self, ref: Reference, digest: str, offset: int = 0) -> Iterator[bytes]:
+        """The blob's bytes from ``offset`` on, in chunks."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = self._open(
+            ref.domain, f"/v2/{ref.path}/blobs/{digest}", f"repository:{ref.path}:pull", headers
+        )
+        with resp:
+            if offset and resp.status != 206:
+                raise RegistryError(f"{ref}: registry cannot resume {digest}", retryable=False)
+            try:
+                while chunk := resp.read(1 << 20):
+                    yield chunk
+            except OSError as err:
+                raise RegistryError(
+                    f"{ref}: download of {digest} broke ({err})", retryable=True
+                ) from None
