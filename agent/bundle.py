@@ -159,7 +159,8 @@ class _VerifiedBlob(io.RawIOBase):
     ) -> None:
         self.client, self.ref, self.digest, self.size = client, ref, digest, size
         self.hash = hashlib.sha256()
-        self.offset = 0
+        self.offset = 0  # bytes handed to the reader
+        self.received = 0  # bytes received from the registry (where a resume starts)
         self.on_bytes = on_bytes
         self.attempts = 0
         self._chunks: Iterator[bytes] = client.blob(ref, digest)
@@ -169,28 +170,57 @@ class _VerifiedBlob(io.RawIOBase):
         return True
 
     def read(self, n: int = -1) -> bytes:
-        while not self._buf:
-            try:
-                chunk = next(self._chunks, None)
-            except RegistryError as err:
-                self.attempts += 1
-                if not err.retryable or self.attempts > RESUME_ATTEMPTS:
-                    raise
-                time.sleep(min(10.0, 2.0**self.attempts))
-                self._chunks = self.client.blob(self.ref, self.digest, self.offset)
-                continue
-            if chunk is None:
-                self._check_complete()
-                return b""
-            self._buf = chunk
-        n = len(self._buf) if n < 0 else n
-        data, self._buf = self._buf[:n], self._buf[n:]
+        """Up to ``n`` bytes, short only at the end (tarfile takes a short read as the end)."""
+        want = self.size - self.offset if n < 0 else n
+        parts: list[bytes] = []
+        got = 0
+        while got < want:
+            if not self._buf:
+                chunk = self._next_chunk()
+                if chunk is None:
+                    break
+                self._buf = chunk
+            take = self._buf[: want - got]
+            self._buf = self._buf[len(take) :]
+            parts.append(take)
+            got += len(take)
+        data = b"".join(parts)
         if self.offset + len(data) > self.size:
             raise RegistryError(f"{self.ref}: {self.digest} is larger than its {self.size} bytes")
         self.offset += len(data)
         self.hash.update(data)
         self.on_bytes(len(data))
+        if self.offset == self.size:
+            # tarfile stops reading at the size: check the digest with the last byte.
+            self._check_complete()
         return data
+
+    def _next_chunk(self) -> bytes | None:
+        """The next piece from the registry, resuming from what was received if it broke."""
+        while True:
+            try:
+                chunk = next(self._chunks, None)
+            except RegistryError as err:
+                if not err.retryable:
+                    raise
+                self._resume(err)
+                continue
+            if chunk is None and self.received < self.size:
+                # The connection ended early without an error: resume all the same.
+                self._resume(None)
+                continue
+            if chunk is not None:
+                self.received += len(chunk)
+            return chunk
+
+    def _resume(self, err: RegistryError | None) -> None:
+        self.attempts += 1
+        if self.attempts > RESUME_ATTEMPTS:
+            if err is not None:
+                raise err
+            self._check_complete()
+        time.sleep(min(10.0, 2.0**self.attempts))
+        self._chunks = self.client.blob(self.ref, self.digest, self.received)
 
     def _check_complete(self) -> None:
         if self.offset != self.size:
@@ -238,6 +268,9 @@ def write(
             raw.flush()
             os.fsync(raw.fileno())
         os.replace(partial, out)
+    except OSError as err:
+        partial.unlink(missing_ok=True)
+        raise AgentError(f"{out}: cannot write the bundle ({err.strerror or err})") from None
     except BaseException:
         partial.unlink(missing_ok=True)
         raise

@@ -10,6 +10,7 @@ interrupted blob downloads with HTTP ranges.
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import re
 import urllib.error
@@ -186,7 +187,7 @@ class RegistryClient:
             try:
                 while chunk := resp.read(1 << 20):
                     yield chunk
-            except OSError as err:
+            except (OSError, http.client.HTTPException) as err:
                 raise RegistryError(
                     f"{ref}: download of {digest} broke ({err})", retryable=True
                 ) from None

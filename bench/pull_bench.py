@@ -11,12 +11,10 @@ fresh containerd; both pull the same images from the same registry.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -24,52 +22,7 @@ from agent import platforms, samples
 from agent.containerd import Containerd
 from agent.sandbox import PrivateContainerd
 from tests.conftest import Registry
-
-
-class DelayProxy:
-    """A TCP proxy on loopback that holds each client request for ``delay`` seconds.
-
-    Models a registry a WAN round trip away: every HTTP request (manifest,
-    config, layer) pays the delay before the registry sees it.
-    """
-
-    def __init__(self, target: str, delay: float) -> None:
-        self.target_host, port = target.rsplit(":", 1)
-        self.target_port = int(port)
-        self.delay = delay
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.port = 0
-        threading.Thread(target=self._run, daemon=True).start()
-        self.ready.wait(10)
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
-        self.port = server.sockets[0].getsockname()[1]
-        self.ready.set()
-        self.loop.run_forever()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_r, up_w = await asyncio.open_connection(self.target_host, self.target_port)
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay: bool) -> None:
-            try:
-                while data := await src.read(1 << 16):
-                    if delay:
-                        await asyncio.sleep(self.delay)  # the round trip of this request
-                    dst.write(data)
-                    await dst.drain()
-            finally:
-                dst.close()
-
-        await asyncio.gather(
-            pipe(reader, up_w, True), pipe(up_r, writer, False), return_exceptions=True
-        )
+from tests.proxy import Proxy
 
 
 def sequential(address: str, refs: list[str]) -> float:
@@ -129,7 +82,7 @@ def main() -> int:
         for latency in args.latency_ms:
             host = reg.host
             if latency:
-                host = DelayProxy(reg.host, latency / 1000).host
+                host = Proxy(reg.host, delay=latency / 1000).host
             wanted = [r.replace(reg.host, host, 1) for r in refs]
 
             def fresh(tag: str, host: str = host, latency: float = latency) -> PrivateContainerd:
