@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import structlog
 
@@ -27,6 +27,10 @@ from agent.errors import AgentError, ArchiveError, ContainerdUnavailable, UsageE
 from agent.importer import PINNED_LABEL, Importer, ImportOptions, ImportResult, Progress
 from agent.pull import auth as pull_auth
 from agent.pull.engine import Puller
+
+if TYPE_CHECKING:
+    from agent.cluster.sync import ClusterSync
+    from agent.daemon.service import Daemon
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -66,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the node daemon: watch the images directory and import")
     config.add_arguments(run, config.DaemonConfig)
     config.add_arguments(run, config.PullConfig)
+    config.add_arguments(run, config.ClusterAgentConfig)
     config.add_arguments(run, config.ContainerdConfig)
     config.add_arguments(run, config.LogConfig)
 
@@ -115,6 +120,46 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("files", nargs="+", metavar="FILE")
     verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
 
+    cluster = sub.add_parser("cluster", help="the cluster component: one list for every node")
+    csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    serve = csub.add_parser("serve", help="assemble the list from sources and serve it")
+    serve.add_argument("--listen", default="0.0.0.0:8080", help="HOST:PORT (default 0.0.0.0:8080)")
+    for kind, helptext in (
+        ("images", "Image Puller IMAGES string, or @FILE"),
+        ("cr", "KubernetesImagePuller resource, a YAML file"),
+        ("list", "list file or URL (one image a line, external_images.txt)"),
+        ("che", "Che base URL (dashboard editors and air-gap samples)"),
+        ("env", "file of RELATED_IMAGE_* variables"),
+    ):
+        serve.add_argument(
+            f"--source-{kind}",
+            action="append",
+            default=[],
+            metavar="VALUE",
+            help=f"{helptext}; append ';node-selector=k=v,...' to limit it (repeatable)",
+        )
+    serve.add_argument("--source-interval", default="60", help="re-read URLs this often [s]")
+    serve.add_argument(
+        "--rewrite",
+        action="append",
+        default=[],
+        metavar="FROM=TO",
+        help="map a registry onto a mirror (repeatable)",
+    )
+    serve.add_argument("--token-file", default="", help="bearer token required for writes")
+    serve.add_argument("--auth-reads", action="store_true", help="require the token for reads too")
+    serve.add_argument("--tls-cert", default="", help="serve HTTPS with this certificate")
+    serve.add_argument("--tls-key", default="", help="and this key")
+    serve.add_argument("--log-level", default="info")
+    for name, helptext in (
+        ("status", "node x image view with a summary"),
+        ("images", "the assembled list with provenance and the report"),
+    ):
+        c = csub.add_parser(name, help=helptext)
+        c.add_argument("--cluster-url", required=True)
+        c.add_argument("--token-file", default="")
+        c.add_argument("-o", "--output", choices=("table", "json"), default="table")
+
     demo = sub.add_parser(
         "demo",
         help="start a private containerd, import a sample archive into it and list the result",
@@ -149,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bundle(args)
         if args.command == "verify":
             return cmd_verify(args)
+        if args.command == "cluster":
+            return cmd_cluster(args, stop)
         raise UsageError(f"unknown command {args.command}")
     except UsageError as err:
         print(f"image-agent: {err}", file=sys.stderr)
@@ -396,11 +443,16 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
             server = serve(dcfg.listen, metrics, daemon.health)
         except (OSError, ValueError) as err:
             raise UsageError(f"--listen {dcfg.listen}: {err}") from None
+    sync = _cluster_sync(args, daemon, puller, Path(dcfg.state_dir), log)
     log.info("starting", version=__version__, address=client.address, images_dir=dcfg.images_dir)
     try:
+        if sync is not None:
+            sync.start()
         with client:
             daemon.run(stop)
     finally:
+        if sync is not None:
+            sync.stop()
         if server is not None:
             server.shutdown()
     log.info("stopped")
@@ -592,3 +644,158 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if args.output == "json":
         print(json.dumps(reports, indent=2))
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _read_token(path: str) -> str:
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text().strip()
+    except OSError as err:
+        raise UsageError(f"{path}: {err.strerror or err}") from None
+
+
+def _labels(text: str) -> dict[str, str]:
+    from agent.cluster.server import parse_selector
+
+    try:
+        return dict(parse_selector(text))
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
+def _cluster_sync(
+    args: argparse.Namespace,
+    daemon: Daemon,
+    puller: Puller,
+    state_dir: Path,
+    log: structlog.typing.FilteringBoundLogger,
+) -> ClusterSync | None:
+    import socket
+
+    from agent.cluster.sync import ClusterClient, ClusterSync
+
+    ccfg = config.resolve(config.ClusterAgentConfig, args)
+    if not ccfg.cluster_url:
+        return None
+
+    def report() -> dict[str, object]:
+        archives = [
+            {"path": r.path, "state": str(r.state), "images": r.images, "error": r.error}
+            for r in list(daemon.records.values())
+        ]
+        pulls = [
+            {"image": p["image"], "state": p["state"], "last_error": p["last_error"]}
+            for p in puller.snapshot()
+        ]
+        return {"archives": archives, "pulls": pulls}
+
+    return ClusterSync(
+        ClusterClient(ccfg.cluster_url, _read_token(ccfg.cluster_token_file)),
+        node=ccfg.node_name or socket.gethostname(),
+        labels=_labels(ccfg.node_labels),
+        state_dir=state_dir,
+        puller=puller,
+        report=report,
+        log=log,
+        report_interval=ccfg.report_interval_s,
+    )
+
+
+def cmd_cluster(args: argparse.Namespace, stop: threading.Event) -> int:
+    if args.cluster_command == "serve":
+        return cmd_cluster_serve(args, stop)
+    from agent.cluster.server import summary_line
+    from agent.cluster.sync import ClusterClient
+
+    client = ClusterClient(args.cluster_url, _read_token(args.token_file))
+    path = "/v1/status" if args.cluster_command == "status" else "/v1/list"
+    try:
+        doc = client.get_json(path)
+    except (OSError, ValueError) as err:
+        print(f"image-agent: {err}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if args.output == "json":
+        print(json.dumps(doc, indent=2))
+        return EXIT_OK
+    if args.cluster_command == "status":
+        nodes = sorted(doc["nodes"])
+        rows = []
+        for image, row in doc["images"].items():
+            cells = []
+            for node in nodes:
+                if node in row["present"]:
+                    cells.append("ok")
+                elif node in row["failed"]:
+                    cells.append("failed")
+                elif node in row["pulling"]:
+                    cells.append("pulling")
+                elif node in row["stale"]:
+                    cells.append("stale")
+                elif node in row["missing"]:
+                    cells.append("missing")
+                else:
+                    cells.append("-")
+            rows.append([image, *cells])
+        if rows:
+            print(report.table(["IMAGE", *nodes], rows))
+        print(summary_line(doc))
+        return EXIT_OK
+    for item in doc["images"]:
+        where = ", ".join(item["sources"])
+        sel = " ".join(
+            f"[{','.join(f'{k}={v}' for k, v in s.items())}]" for s in item["node_selectors"]
+        )
+        print(f"{item['image']}  <- {where}{' ' + sel if sel else ''}")
+    for line in doc["report"]:
+        print(f"warning: {line}")
+    for line in doc["invalid"]:
+        print(f"invalid: {line}")
+    for src, st in doc["sources"].items():
+        if not st["ok"]:
+            print(f"source failing (last good list kept): {src}: {st['error']}")
+    return EXIT_OK
+
+
+def cmd_cluster_serve(args: argparse.Namespace, stop: threading.Event) -> int:
+    import asyncio
+
+    from agent.cluster import assemble
+    from agent.cluster.server import State, parse_source, serve
+
+    logs.configure(args.log_level, stream=sys.stdout)
+    log = logs.get()
+    try:
+        srcs = [
+            parse_source(kind, value, n)
+            for kind in ("images", "cr", "list", "che", "env")
+            for n, value in enumerate(getattr(args, f"source_{kind}"))
+        ]
+        rules = [assemble.parse_rewrite(r) for r in args.rewrite]
+        interval = config.parse_duration(args.source_interval)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError("--tls-cert and --tls-key go together")
+
+    async def main() -> None:
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        threading.Thread(
+            target=lambda: (stop.wait(), loop.call_soon_threadsafe(done.set)), daemon=True
+        ).start()
+        await serve(
+            State(srcs, rules),
+            args.listen,
+            token=_read_token(args.token_file),
+            auth_reads=args.auth_reads,
+            tls=tls,
+            source_interval=interval,
+            log=log,
+            stop=done,
+        )
+
+    asyncio.run(main())
+    log.info("stopped")
+    return EXIT_OK

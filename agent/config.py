@@ -140,6 +140,38 @@ class PullConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ClusterAgentConfig:
+    cluster_url: str = setting(
+        "",
+        flag="--cluster-url",
+        env="IMAGE_AGENT_CLUSTER_URL",
+        help="image-agent cluster serve to follow for the image list",
+    )
+    cluster_token_file: str = setting(
+        "",
+        flag="--cluster-token-file",
+        env="IMAGE_AGENT_CLUSTER_TOKEN_FILE",
+        help="file holding the bearer token for the cluster component",
+    )
+    node_name: str = setting(
+        "", flag="--node-name", env="NODE_NAME", help="this node's name (default: hostname)"
+    )
+    node_labels: str = setting(
+        "",
+        flag="--node-labels",
+        env="IMAGE_AGENT_NODE_LABELS",
+        help="this node's labels, k=v[,k=v], matched against source node selectors",
+    )
+    report_interval_s: float = setting(
+        120.0,
+        flag="--report-interval",
+        env="IMAGE_AGENT_REPORT_INTERVAL",
+        unit="s",
+        help="status goes to the cluster when it changes and at least this often",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: str = setting(
         "info", flag="--log-level", env="IMAGE_AGENT_LOG_LEVEL", help="debug, info, warning, error"
