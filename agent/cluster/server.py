@@ -467,7 +467,7 @@ async def serve(
         state, token=token, auth_reads=auth_reads, source_interval=source_interval, log=log
     )
     await server.refresh(force=True)
-    runner = web.AppRunner(server.app(), access_log=None)
+    runner = web.AppRunner(server.app(), access_log=None, shutdown_timeout=3.0)
     await runner.setup()
     host, _, port = listen.rpartition(":")
     context = None
@@ -491,4 +491,5 @@ async def serve(
         await (stop or asyncio.Event()).wait()
     finally:
         task.cancel()
+        server.changed.set()  # long polls answer now instead of holding the shutdown
         await runner.cleanup()

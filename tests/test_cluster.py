@@ -1,0 +1,340 @@
+"""The cluster component over real HTTP on loopback, with agents as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from agent import samples
+from agent.platforms import Platform
+from tests.conftest import ROOT, free_port, wait_for
+
+pytestmark = pytest.mark.containerd
+
+
+class FixtureServer:
+    """Serves Che-shaped JSON/YAML (and lists) from a dict; paths can be made to fail."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.failing: set[str] = set()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path in outer.failing or self.path not in outer.files:
+                    self.send_response(500 if self.path in outer.failing else 404)
+                    self.end_headers()
+                    return
+                body = outer.files[self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+class ClusterProcess:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"cluster-{self.port}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "agent",
+                    "cluster",
+                    "serve",
+                    "--listen",
+                    f"127.0.0.1:{self.port}",
+                    *args,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+            )
+        wait_for(self._up, 30, "the cluster server")
+
+    def _up(self) -> bool:
+        try:
+            return bool(urllib.request.urlopen(self.url + "/healthz", timeout=2).status == 200)
+        except OSError:
+            return False
+
+    def get(
+        self, path: str, headers: dict[str, str] | None = None, timeout: float = 10
+    ) -> tuple[int, dict[str, str], bytes]:
+        req = urllib.request.Request(self.url + path, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, dict(r.headers), r.read()
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers), err.read()
+
+    def put(self, path: str, body: bytes, token: str = "") -> int:
+        req = urllib.request.Request(self.url + path, data=body, method="PUT")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as err:
+            return int(err.code)
+
+    def listing(self) -> dict:  # type: ignore[type-arg]
+        return json.loads(self.get("/v1/list")[2])  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
+    started: list[ClusterProcess] = []
+
+    def make(*args: str) -> ClusterProcess:
+        c = ClusterProcess(tmp_path, *args)
+        started.append(c)
+        return c
+
+    yield make
+    for c in started:
+        c.close()
+
+
+@pytest.fixture
+def fixtures():  # type: ignore[no-untyped-def]
+    servers: list[FixtureServer] = []
+
+    def make(files: dict[str, bytes]) -> FixtureServer:
+        s = FixtureServer(files)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def test_sources_assembled_with_provenance_and_report(cluster, fixtures, tmp_path: Path) -> None:
+    """Che editors and samples, a CR, an env file and an IMAGES string become one reported list."""
+    che = fixtures(
+        {
+            "/dashboard/api/editors": json.dumps(
+                [
+                    {
+                        "metadata": {"name": "che-code"},
+                        "components": [
+                            {"container": {"image": "quay.io/che-incubator/che-code:7.80"}}
+                        ],
+                    },
+                    {
+                        "metadata": {"name": "broken-editor"},
+                        "components": [
+                            {
+                                "container": {
+                                    "image": "quay.io/devfile/universal-developer-image:ubi8-latest"
+                                }
+                            }
+                        ],
+                    },
+                ]
+            ).encode(),
+            "/dashboard/api/airgap-sample": json.dumps(
+                [{"displayName": "Go", "url": "/samples/go.yaml"}]
+            ).encode(),
+            "/samples/go.yaml": b"schemaVersion: 2.2.0\ncomponents:\n- name: tools\n  container:\n    image: quay.io/devfile/golang:1.22\n",
+        }
+    )
+    cr = tmp_path / "cr.yaml"
+    cr.write_text(
+        "apiVersion: che.eclipse.org/v1alpha1\nkind: KubernetesImagePuller\nmetadata: {name: p}\n"
+        "spec:\n  images: 'node=node:18;'\n"
+    )
+    env = tmp_path / "operator.env"
+    env.write_text("RELATED_IMAGE_editor_definition_code=quay.io/che-incubator/che-code:7.80\n")
+    c = cluster(
+        "--source-che",
+        che.url,
+        "--source-cr",
+        str(cr),
+        "--source-env",
+        str(env),
+        "--source-images",
+        "bad=NOT VALID;ok=busybox:1.36;",
+        "--rewrite",
+        "quay.io=mirror.internal:5000/quay",
+    )
+    doc = c.listing()
+    images = {i["image"]: i for i in doc["images"]}
+    assert set(images) == {
+        "mirror.internal:5000/quay/che-incubator/che-code:7.80",
+        "mirror.internal:5000/quay/devfile/universal-developer-image:ubi8-latest",
+        "mirror.internal:5000/quay/devfile/golang:1.22",
+        "docker.io/library/node:18",
+        "docker.io/library/busybox:1.36",
+    }
+    code = images["mirror.internal:5000/quay/che-incubator/che-code:7.80"]
+    assert len(code["sources"]) == 2  # the Che dashboard and the operator env file
+    assert any("universal developer image" in line for line in doc["report"])
+    assert any("NOT VALID" in line for line in doc["invalid"])
+    text = subprocess.run(
+        [sys.executable, "-m", "agent", "cluster", "images", "--cluster-url", c.url],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    assert "warning:" in text and "invalid:" in text
+
+
+def test_etag_304_and_long_poll(cluster, tmp_path: Path) -> None:
+    """A node's list has a strong ETag; 304 while it holds; a long poll returns as soon as it changes."""
+    lst = tmp_path / "list.txt"
+    lst.write_text("alpine:3.19\n")
+    c = cluster("--source-list", str(lst))
+    status, headers, body = c.get("/v1/images?node=n1")
+    assert status == 200 and body == b"docker.io/library/alpine:3.19\n"
+    tag = headers["ETag"]
+    assert tag.startswith('"') and not tag.startswith("W/")
+    assert c.get("/v1/images?node=n1", {"If-None-Match": tag})[0] == 304
+    result: dict[str, object] = {}
+
+    def poll() -> None:
+        start = time.monotonic()
+        result["response"] = c.get(
+            "/v1/images?node=n1&wait=20s", {"If-None-Match": tag}, timeout=30
+        )
+        result["seconds"] = time.monotonic() - start
+
+    t = threading.Thread(target=poll)
+    t.start()
+    lst.write_text("alpine:3.19\nbusybox:1.36\n")
+    t.join(30)
+    status, headers, body = result["response"]  # type: ignore[misc]
+    assert status == 200 and b"busybox" in body and headers["ETag"] != tag
+    assert result["seconds"] < 15  # returned on the change, not at the end of the wait
+    as_json = json.loads(c.get("/v1/images?node=n1", {"Accept": "application/json"})[2])
+    assert as_json["images"] == ["docker.io/library/alpine:3.19", "docker.io/library/busybox:1.36"]
+
+
+def test_broken_source_keeps_last_list(cluster, fixtures) -> None:
+    """A source URL that starts failing keeps its last good images; the failure is reported."""
+    src = fixtures({"/external_images.txt": b"quay.io/a/b:1\n"})
+    c = cluster("--source-list", src.url + "/external_images.txt", "--source-interval", "1")
+    assert c.get("/v1/images")[2] == b"quay.io/a/b:1\n"
+    src.failing.add("/external_images.txt")
+    wait_for(
+        lambda: not c.listing()["sources"][f"list:{src.url}/external_images.txt"]["ok"],
+        30,
+        "the failure to be reported",
+    )
+    assert c.get("/v1/images")[2] == b"quay.io/a/b:1\n"
+    metrics = c.get("/metrics")[2].decode()
+    assert 'image_agent_cluster_source_ok{source="list:' in metrics and "} 0.0" in metrics
+
+
+def test_auth_and_bad_bodies(cluster, tmp_path: Path) -> None:
+    """Writes need the bearer token; malformed or oversized reports get 400/413 and change nothing."""
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    c = cluster("--source-images", "alpine:3.19", "--token-file", str(token), "--auth-reads")
+    good = json.dumps(
+        {"pulls": [{"image": "docker.io/library/alpine:3.19", "state": "pulled"}]}
+    ).encode()
+    assert c.put("/v1/nodes/n1/status", good) == 401
+    assert c.put("/v1/nodes/n1/status", good, token="wrong") == 401
+    assert c.get("/v1/images")[0] == 401
+    assert c.put("/v1/nodes/n1/status", b"{not json", token="s3cret") == 400
+    assert c.put("/v1/nodes/n1/status", b'{"pulls": "x"}', token="s3cret") == 400
+    assert c.put("/v1/nodes/n1/status", b"[" + b" " * (2 << 20) + b"]", token="s3cret") == 413
+    view = json.loads(c.get("/v1/status", {"Authorization": "Bearer s3cret"})[2])
+    assert view["nodes"] == {}
+    assert c.put("/v1/nodes/n1/status", good, token="s3cret") == 204
+    view = json.loads(c.get("/v1/status", {"Authorization": "Bearer s3cret"})[2])
+    assert view["summary"]["complete"] == 1
+
+
+def test_agents_converge_and_show_in_cluster_status(
+    cluster, daemon, registry, node: Platform, tmp_path: Path
+) -> None:
+    """Two agents (separate processes) follow the list, pull it, and the cluster view shows both complete."""
+    reg = registry()
+    image = samples.simple_image("fleet/app:1", {"f": os.urandom(100_000)}, node, "gzip")
+    src = tmp_path / "src.tar"
+    src.write_bytes(samples.oci_archive([image]))
+    reg.push(src, "fleet/app:1")
+    ref = f"{reg.host}/fleet/app:1"
+    lst = tmp_path / "fleet.txt"
+    lst.write_text(ref + "\n")
+    token = tmp_path / "token"
+    token.write_text("fleet-token")
+    c = cluster("--source-list", str(lst), "--token-file", str(token))
+    agents = [
+        daemon(
+            "--cluster-url",
+            c.url,
+            "--cluster-token-file",
+            str(token),
+            "--node-name",
+            name,
+            "--report-interval",
+            "2",
+        )
+        for name in ("n1", "n2")
+    ]
+    for a in agents:
+        a.start()
+
+    def view() -> dict:  # type: ignore[type-arg]
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "cluster",
+                "status",
+                "-o",
+                "json",
+                "--cluster-url",
+                c.url,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+        return json.loads(out.stdout)  # type: ignore[no-any-return]
+
+    wait_for(lambda: view()["summary"]["complete"] == 2, 90, "both nodes complete")
+    assert sorted(view()["images"][ref]["present"]) == ["n1", "n2"]
+    table = subprocess.run(
+        [sys.executable, "-m", "agent", "cluster", "status", "--cluster-url", c.url],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    ).stdout
+    assert "2/2 nodes complete" in table
+    for a in agents:
+        cached = json.loads((a.state / "cluster-list.json").read_text())
+        assert cached["list"] == ref + "\n"
