@@ -16,6 +16,7 @@ import hmac
 import json
 import os
 import ssl
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -139,10 +140,27 @@ def parse_source(kind: str, text: str, number: int = 0) -> Source:
 
 @dataclass
 class NodeReport:
+    """What the cluster keeps of a node's report: compact, strings shared across nodes."""
+
     name: str
     labels: dict[str, str]
-    report: dict[str, Any]
+    pulls: dict[str, tuple[str, str]]  # image -> (state, last error)
+    archives: dict[str, int]  # state -> count
     received_at: float
+
+    @classmethod
+    def from_doc(cls, name: str, doc: dict[str, Any], now: float) -> NodeReport:
+        intern = sys.intern
+        labels = {intern(str(k)): intern(str(v)) for k, v in (doc.get("labels") or {}).items()}
+        pulls = {
+            intern(p["image"]): (intern(p["state"]), str(p.get("last_error") or ""))
+            for p in doc.get("pulls", [])
+        }
+        archives: dict[str, int] = {}
+        for a in doc.get("archives") or []:
+            state = intern(str(a.get("state", "")) if isinstance(a, dict) else "")
+            archives[state] = archives.get(state, 0) + 1
+        return cls(intern(name), labels, pulls, archives, now)
 
 
 @dataclass
@@ -326,8 +344,7 @@ class Server:
         problem = _check_report(doc)
         if problem:
             return web.json_response({"error": problem}, status=400)
-        labels = {str(k): str(v) for k, v in (doc.get("labels") or {}).items()}
-        self.state.nodes[name] = NodeReport(name, labels, doc, time.time())
+        self.state.nodes[name] = NodeReport.from_doc(name, doc, time.time())
         self.m_nodes.set(len(self.state.nodes))
         return web.Response(status=204)
 
@@ -401,7 +418,7 @@ def cluster_view(state: State, now: float) -> dict[str, Any]:
     complete = 0
     for node in sorted(state.nodes.values(), key=lambda n: n.name):
         stale = now - node.received_at > STALE_AFTER_S
-        pulls = {p["image"]: p for p in node.report.get("pulls", [])}
+        pulls = node.pulls
         wanted = state.assembled.for_node(node.labels)
         ok = not stale
         for image in wanted:
@@ -412,13 +429,13 @@ def cluster_view(state: State, now: float) -> dict[str, Any]:
             elif p is None:
                 row["missing"].append(node.name)
                 ok = False
-            elif p["state"] in ("present", "pulled"):
+            elif p[0] in ("present", "pulled"):
                 row["present"].append(node.name)
-            elif p["state"] in ("pulling", "retrying") and not p.get("last_error"):
+            elif p[0] in ("pulling", "retrying") and not p[1]:
                 row["pulling"].append(node.name)
                 ok = False
             else:
-                row["failed"][node.name] = p.get("last_error") or p["state"]
+                row["failed"][node.name] = p[1] or p[0]
                 ok = False
         complete += ok
     return {
@@ -430,7 +447,8 @@ def cluster_view(state: State, now: float) -> dict[str, Any]:
         },
         "images": images,
         "nodes": {
-            n.name: {"labels": n.labels, "received_at": n.received_at} for n in state.nodes.values()
+            n.name: {"labels": n.labels, "received_at": n.received_at, "archives": n.archives}
+            for n in state.nodes.values()
         },
     }
 
