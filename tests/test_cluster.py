@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -54,9 +55,10 @@ class FixtureServer:
 
 
 class ClusterProcess:
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, scheme: str = "http", cafile: str = "") -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
+        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
         self.log = tmp / f"cluster-{self.port}.log"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -78,7 +80,12 @@ class ClusterProcess:
 
     def _up(self) -> bool:
         try:
-            return bool(urllib.request.urlopen(self.url + "/healthz", timeout=2).status == 200)
+            return bool(
+                urllib.request.urlopen(
+                    self.url + "/healthz", timeout=2, context=self.context
+                ).status
+                == 200
+            )
         except OSError:
             return False
 
@@ -87,7 +94,7 @@ class ClusterProcess:
     ) -> tuple[int, dict[str, str], bytes]:
         req = urllib.request.Request(self.url + path, headers=headers or {})
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with urllib.request.urlopen(req, timeout=timeout, context=self.context) as r:
                 return r.status, dict(r.headers), r.read()
         except urllib.error.HTTPError as err:
             return err.code, dict(err.headers), err.read()
@@ -114,8 +121,8 @@ class ClusterProcess:
 def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
     started: list[ClusterProcess] = []
 
-    def make(*args: str) -> ClusterProcess:
-        c = ClusterProcess(tmp_path, *args)
+    def make(*args: str, **kw: str) -> ClusterProcess:
+        c = ClusterProcess(tmp_path, *args, **kw)
         started.append(c)
         return c
 
@@ -338,3 +345,72 @@ def test_agents_converge_and_show_in_cluster_status(
     for a in agents:
         cached = json.loads((a.state / "cluster-list.json").read_text())
         assert cached["list"] == ref + "\n"
+
+
+def test_tls(cluster, tmp_path: Path) -> None:
+    """With --tls-cert/--tls-key the API is served over HTTPS only."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    c = cluster(
+        "--source-images",
+        "alpine:3.19",
+        "--tls-cert",
+        str(cert),
+        "--tls-key",
+        str(key),
+        scheme="https",
+        cafile=str(cert),
+    )
+    assert c.get("/v1/images")[2] == b"docker.io/library/alpine:3.19\n"
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{c.port}/v1/images", timeout=5)
+
+
+def test_agent_works_from_cached_list_while_cluster_is_down(
+    cluster, daemon, registry, ctd, client, node: Platform, tmp_path: Path
+) -> None:
+    """An agent restarted while the cluster is unreachable pulls from the list it kept."""
+    from tests.conftest import ctr
+    from tests.helpers import cri_by_tag
+
+    reg = registry()
+    image = samples.simple_image("cached/app:1", {"f": b"cached"}, node, "gzip")
+    src = tmp_path / "src.tar"
+    src.write_bytes(samples.oci_archive([image]))
+    reg.push(src, "cached/app:1")
+    ref = f"{reg.host}/cached/app:1"
+    lst = tmp_path / "l.txt"
+    lst.write_text(ref + "\n")
+    c = cluster("--source-list", str(lst))
+    a = daemon("--cluster-url", c.url, "--node-name", "n1")
+    a.start()
+    wait_for(lambda: ref in cri_by_tag(client), 60, "the pull")
+    assert a.stop() == 0
+    c.close()
+    for rec in client.list_images():
+        if rec.name.startswith(f"{reg.host}/cached/app"):
+            ctr(ctd, "k8s.io", "images", "rm", rec.name)
+    a.start()
+    wait_for(lambda: ref in cri_by_tag(client), 60, "the pull from the cached list")
+    assert a.named("cluster.unreachable")
