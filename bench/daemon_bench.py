@@ -14,9 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ from agent import platforms, samples
 from agent.containerd import Containerd
 from agent.sandbox import PrivateContainerd
 from bench import gen
+from tests.conftest import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -42,47 +41,14 @@ def wait_until(cond, timeout: float = 600.0, step: float = 0.01) -> float:  # ty
     return time.monotonic() - start
 
 
-class Daemon:
-    def __init__(self, address: str, base: Path, settle: float) -> None:
-        self.address, self.base, self.settle = address, base, settle
-        self.images = base / "images"
-        self.images.mkdir(parents=True, exist_ok=True)
-        self.log = base / "daemon.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+class Daemon(DaemonProcess):
+    """The tests' daemon process, timed and measured."""
 
-    def start(self) -> float:
+    def start_timed(self) -> float:
         """Start the daemon; seconds until it is watching."""
-        self.offset = self.log.stat().st_size if self.log.exists() else 0
-        env = dict(os.environ, CONTAINERD_ADDRESS=self.address)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "agent",
-                    "run",
-                    "--images-dir",
-                    str(self.images),
-                    "--state-dir",
-                    str(self.base / "state"),
-                    "--settle",
-                    str(self.settle),
-                    "--listen",
-                    "",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
-
-        return wait_until(lambda: bool(self.events("watching")), 120)
-
-    def events(self, name: str) -> list[dict]:  # type: ignore[type-arg]
-        """Events of the current run named ``name``."""
-        with open(self.log, "rb") as f:
-            f.seek(self.offset)
-            lines = f.read().decode().splitlines()
-        return [json.loads(line) for line in lines if f'"event": "{name}"' in line]
+        started = time.monotonic()
+        self.start()
+        return time.monotonic() - started
 
     def cpu_rss(self) -> tuple[float, float]:
         assert self.proc is not None
@@ -94,12 +60,6 @@ class Daemon:
             if line.startswith("VmRSS:")
         )
         return cpu, rss / 1024
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(20)
-            self.proc = None
 
 
 def visible(client: Containerd, name: str) -> bool:
@@ -123,7 +83,7 @@ def main() -> int:
     ctd.start()
     try:
         client = Containerd(ctd.address)
-        d = Daemon(ctd.address, work / "d", args.settle)
+        d = Daemon(ctd, work / "d", ["--settle", str(args.settle), "--listen", ""])
         d.start()
 
         small = work / "small.tar"
@@ -159,15 +119,15 @@ def main() -> int:
         for path in archives:
             drop(path, d, path.name)
         wait_until(
-            lambda: len(d.events("import.done")) >= 50 + 1 + (0 if args.skip_big else 1), 600, 0.1
+            lambda: len(d.named("import.done")) >= 50 + 1 + (0 if args.skip_big else 1), 600, 0.1
         )
         d.stop()
 
-        startup = d.start()
+        startup = d.start_timed()
         cpu0, _ = d.cpu_rss()
         time.sleep(20)  # measuring idle cost: nothing to wait for
         cpu1, rss = d.cpu_rss()
-        reimports = len(d.events("import.started"))
+        reimports = len(d.named("import.started"))
         d.stop()
         env = dict(os.environ, CONTAINERD_ADDRESS=ctd.address)
         start = time.monotonic()
