@@ -206,6 +206,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AgentError as err:
         print(f"image-agent: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except OSError as err:
+        # The last resort for the system saying no (a port in use, a directory
+        # that cannot be made): one line, never a traceback.
+        where = f"{err.filename}: " if getattr(err, "filename", None) else ""
+        print(f"image-agent: {where}{err.strerror or err}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("image-agent: interrupted", file=sys.stderr)
         return 130
@@ -247,9 +253,10 @@ def _import_options(args: argparse.Namespace, cfg: config.ContainerdConfig) -> I
 def cmd_import(args: argparse.Namespace, stop: threading.Event) -> int:
     client, cfg = _client(args)
     with client:
+        options = _import_options(args, cfg)  # usage errors before any connection
         client.version()  # a clear error now if containerd is not there
         progress = report.ProgressLine()
-        importer = Importer(client, _import_options(args, cfg), progress=progress, stop=stop)
+        importer = Importer(client, options, progress=progress, stop=stop)
         failed = 0
         for path in args.files:
             try:
