@@ -214,3 +214,22 @@ def test_archive_images_stay_pinned_when_list_drops_them(
     lst.write_text("")
     wait_for(lambda: ref not in pulls(d), 30, "dropped from the list")
     assert_pinned(client, ref)
+
+
+def test_pull_list_flag_file_change_is_picked_up(
+    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """A --pull-list file outside the images directory is re-read when it changes, without a restart."""
+    reg = registry()
+    first = push(reg, tmp_path, node, "flag/one:1")
+    second = push(reg, tmp_path, node, "flag/two:1")
+    lists_dir = tmp_path / "lists"
+    lists_dir.mkdir()
+    lst = lists_dir / "warm.txt"
+    lst.write_text(first + "\n")
+    d = daemon("--pull-list", str(lst))
+    d.start()
+    wait_for(lambda: pulls(d).get(first, {}).get("state") == "pulled", 60, "the first image")
+    lst.write_text(f"{first}\n{second}\n")
+    wait_for(lambda: pulls(d).get(second, {}).get("state") == "pulled", 60, "the added image")
+    assert second in cri_by_tag(client)
