@@ -19,9 +19,46 @@ import uuid
 from agent.archive import layout
 from agent.archive.compression import Compression
 from agent.containerd.client import Containerd
-from agent.errors import AgentError
+from agent.errors import AgentError, AlreadyExists, ArchiveError
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
+
+
+def apply_layer(
+    client: Containerd,
+    snapshotter: str,
+    lease: str,
+    parent: str,
+    media_type: str,
+    digest: str,
+    size: int,
+    *,
+    stop: threading.Event,
+    diff_id: str = "",
+) -> str:
+    """Unpack one layer blob on top of snapshot ``parent``; returns the committed ChainID.
+
+    With ``diff_id`` the layer must unpack to it, else ArchiveError. A ChainID
+    committed meanwhile by someone else (CRI, another import) is as good. On
+    any failure the temporary active snapshot is removed.
+    """
+    key = f"image-agent-unpack-{uuid.uuid4().hex}"
+    mounts = client.prepare(snapshotter, key, parent, lease=lease)
+    try:
+        applied = client.apply(media_type, digest, size, mounts, lease=lease, stop=stop)
+        if diff_id and applied != diff_id:
+            raise ArchiveError(
+                f"layer {digest} unpacks to {applied}, but its config says {diff_id}"
+            )
+        committed = layout.chain_id(parent, applied)
+        try:
+            client.commit(snapshotter, committed, key, lease=lease)
+        except AlreadyExists:
+            client.remove_snapshot(snapshotter, key)
+        return committed
+    except BaseException:
+        client.remove_snapshot(snapshotter, key)
+        raise
 
 
 def looks_like_layer(head: bytes, compression: Compression) -> bool:
@@ -79,32 +116,24 @@ class EagerUnpacker:
                 # The authoritative unpack will meet (and report) the problem.
                 self.failed = str(err)
 
-    def _chain(self, diff_id: str) -> str:
-        return diff_id if not self._parent else layout.sha256(f"{self._parent} {diff_id}".encode())
-
     def _apply(self, compression: Compression, digest: str, size: int) -> None:
         diff_id = digest if compression is Compression.NONE else ""
         if not diff_id:
             info = self.client.blob_info(digest)
             diff_id = info.labels.get(UNCOMPRESSED_LABEL, "") if info else ""
-        if diff_id and self.client.snapshot_exists(self.snapshotter, self._chain(diff_id)):
-            self._parent = self._chain(diff_id)
+        known = layout.chain_id(self._parent, diff_id) if diff_id else ""
+        if known and self.client.snapshot_exists(self.snapshotter, known):
+            self._parent = known
             return
         media_type = layout.layer_media_type(compression, docker=True)
-        key = f"image-agent-eager-{uuid.uuid4().hex}"
-        mounts = self.client.prepare(self.snapshotter, key, self._parent, lease=self.lease)
-        try:
-            chain_id = self._chain(
-                self.client.apply(
-                    media_type, digest, size, mounts, lease=self.lease, stop=self._import_stop
-                )
-            )
-            if self.client.snapshot_exists(self.snapshotter, chain_id):
-                self.client.remove_snapshot(self.snapshotter, key)
-            else:
-                self.client.commit(self.snapshotter, chain_id, key, lease=self.lease)
-            self._parent = chain_id
-            self.applied += 1
-        except BaseException:
-            self.client.remove_snapshot(self.snapshotter, key)
-            raise
+        self._parent = apply_layer(
+            self.client,
+            self.snapshotter,
+            self.lease,
+            self._parent,
+            media_type,
+            digest,
+            size,
+            stop=self._import_stop,
+        )
+        self.applied += 1

@@ -15,7 +15,6 @@ import contextlib
 import os
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -26,8 +25,8 @@ from agent.archive.compression import Compression, detect
 from agent.archive.layout import Descriptor, ImageConfig, Manifest
 from agent.archive.tarstream import Member, Reader, walk
 from agent.containerd.client import Containerd
-from agent.eager import UNCOMPRESSED_LABEL, EagerUnpacker, looks_like_layer
-from agent.errors import AlreadyExists, ArchiveError, Cancelled, ContainerdError, PlatformMismatch
+from agent.eager import UNCOMPRESSED_LABEL, EagerUnpacker, apply_layer, looks_like_layer
+from agent.errors import ArchiveError, Cancelled, ContainerdError, PlatformMismatch
 from agent.platforms import Platform
 
 CHUNK = 1 << 20
@@ -193,6 +192,7 @@ class _Session:
         self.created: list[str] = []
         self.last_progress = 0.0
         self.eager: EagerUnpacker | None = None
+        self._first_bytes = b""  # head of the blob being written, to sniff its compression
 
     # -- pass 1: stream the tar -------------------------------------------------
 
@@ -544,32 +544,22 @@ class _Session:
             sel.doc.layers, sel.config.diff_ids, chain, strict=True
         ):
             if not self.client.snapshot_exists(snapshotter, chain_id):
-                self._apply_layer(layer, diff_id, chain_id, parent)
+                apply_layer(
+                    self.client,
+                    snapshotter,
+                    self.lease,
+                    parent,
+                    layer.media_type,
+                    layer.digest,
+                    layer.size,
+                    stop=self.stop,
+                    diff_id=diff_id,
+                )
             parent = chain_id
         if chain:
             self.client.label_blob(
                 sel.doc.config.digest, {f"{GC_SNAPSHOT}.{snapshotter}": chain[-1]}
             )
-
-    def _apply_layer(self, layer: Descriptor, diff_id: str, chain_id: str, parent: str) -> None:
-        snapshotter = self.options.snapshotter
-        key = f"image-agent-extract-{uuid.uuid4().hex[:12]}-{chain_id}"
-        mounts = self.client.prepare(snapshotter, key, parent, lease=self.lease)
-        try:
-            applied = self.client.apply(
-                layer.media_type, layer.digest, layer.size, mounts, lease=self.lease, stop=self.stop
-            )
-            if applied != diff_id:
-                raise ArchiveError(
-                    f"layer {layer.digest} unpacks to {applied}, but its config says {diff_id}"
-                )
-            self.client.commit(snapshotter, chain_id, key, lease=self.lease)
-        except AlreadyExists:
-            # Unpacked concurrently by someone else (CRI): theirs is as good.
-            self.client.remove_snapshot(snapshotter, key)
-        except BaseException:
-            self.client.remove_snapshot(snapshotter, key)
-            raise
 
     def rollback(self) -> None:
         """Remove image records this import created before it failed."""

@@ -249,11 +249,16 @@ def synthesize_manifest(
     return media_type, dump_json(doc)
 
 
-def chain_ids(diff_ids: tuple[str, ...]) -> list[str]:
+def chain_id(parent: str, diff_id: str) -> str:
     """ChainID(0) = DiffID(0); ChainID(n) = sha256(ChainID(n-1) + " " + DiffID(n))."""
+    return diff_id if not parent else sha256(f"{parent} {diff_id}".encode())
+
+
+def chain_ids(diff_ids: tuple[str, ...]) -> list[str]:
+    """The ChainIDs of a layer stack, bottom first: the snapshot names containerd uses."""
     chain: list[str] = []
     for diff_id in diff_ids:
-        chain.append(diff_id if not chain else sha256(f"{chain[-1]} {diff_id}".encode()))
+        chain.append(chain_id(chain[-1] if chain else "", diff_id))
     return chain
 
 

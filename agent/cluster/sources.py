@@ -80,14 +80,19 @@ def devfile_images(doc: Any) -> list[str]:
     return out
 
 
-def che_editors(text: str, source: str) -> Parsed:
-    """The dashboard's editors: a JSON array of devfiles. Entries are named ``editor:<id>``."""
+def _json_array(text: str, source: str, what: str) -> list[Any]:
     try:
         doc = json.loads(text)
     except ValueError as err:
         raise SourceError(f"{source}: not valid JSON ({err})") from None
     if not isinstance(doc, list):
-        raise SourceError(f"{source}: expected a JSON array of devfiles")
+        raise SourceError(f"{source}: expected a JSON array of {what}")
+    return doc
+
+
+def che_editors(text: str, source: str) -> Parsed:
+    """The dashboard's editors: a JSON array of devfiles. Entries are named ``editor:<id>``."""
+    doc = _json_array(text, source, "devfiles")
     entries, problems = [], []
     for i, devfile in enumerate(doc):
         meta = devfile.get("metadata") if isinstance(devfile, dict) else None
@@ -101,12 +106,7 @@ def che_editors(text: str, source: str) -> Parsed:
 
 def che_sample_urls(text: str, source: str) -> list[tuple[str, str]]:
     """(name, devfile url) of every air-gap sample."""
-    try:
-        doc = json.loads(text)
-    except ValueError as err:
-        raise SourceError(f"{source}: not valid JSON ({err})") from None
-    if not isinstance(doc, list):
-        raise SourceError(f"{source}: expected a JSON array of samples")
+    doc = _json_array(text, source, "samples")
     out = []
     for i, sample in enumerate(doc):
         if isinstance(sample, dict) and isinstance(sample.get("url"), str):
