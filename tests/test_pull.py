@@ -136,8 +136,19 @@ def test_moved_tag_is_pulled_again_after_refresh(
     wait_for(lambda: pulls(d).get(ref, {}).get("state") == "pulled", 60, "first pull")
     first_id = cri_by_tag(client)[ref]
     push(reg, tmp_path, node, "moving/img:stable", b"v2")
-    wait_for(lambda: cri_by_tag(client).get(ref) not in (None, first_id), 60, "the moved tag")
-    assert_pinned(client, ref)
+
+    def moved_and_pinned() -> bool:
+        # The CRI rewrites the record's labels when it re-pulls a tag; the daemon pins it again
+        # right after the pull returns, so wait for both rather than racing the second step.
+        record = client.get_image(ref)
+        return (
+            cri_by_tag(client).get(ref) not in (None, first_id)
+            and record is not None
+            and record.labels.get(PINNED_LABEL) == "pinned"
+        )
+
+    wait_for(moved_and_pinned, 60, "the moved tag, pinned")
+    assert pulls(d)[ref]["state"] == "pulled"
 
 
 def test_removed_from_list_is_unpinned_not_deleted(
