@@ -279,6 +279,8 @@ def print_import(result: ImportResult) -> None:
         print(f"{image.action} {image.name} {image.digest} ({plats}, {state})")
     for digest in result.unnamed:
         print(f"skipped unnamed image {digest}")
+    for name in result.not_in_cri:
+        print(f"image-agent: warning: the CRI does not list {name} yet", file=sys.stderr)
     print(
         f"{result.file}: {len(result.images)} image(s), {report.human_bytes(result.bytes_read)} "
         f"read, {result.blobs_written} blob(s) written, {result.blobs_present} already present, "

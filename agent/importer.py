@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from agent import refs
+from agent import platforms, refs
 from agent.archive import layout
 from agent.archive.compression import Compression, detect
 from agent.archive.layout import Descriptor, ImageConfig, Manifest
@@ -35,6 +35,7 @@ CHUNK = 1 << 20
 CACHE_BUDGET = 16 << 20
 
 PINNED_LABEL = "io.cri-containerd.pinned"
+CRI_NAMESPACE = "k8s.io"  # the namespace the CRI, and so the kubelet, reads
 # The contents list written into bundles by ``image-agent bundle``.
 BUNDLE_CONTENTS = "image-agent-bundle.json"
 MANAGED_LABEL = "io.cri-containerd.image"
@@ -51,6 +52,8 @@ class ImportOptions:
     pin: bool = True
     # Repository for OCI entries named only by a bare tag (ctr's --base-name).
     base_name: str = ""
+    # Seconds to wait for the CRI to list what was imported (0: don't wait).
+    cri_wait_s: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class ImportResult:
     images: list[ImportedImage] = field(default_factory=list)
     unnamed: list[str] = field(default_factory=list)
     absent_platforms: list[str] = field(default_factory=list)
+    # Imported for this node, yet not listed by the CRI within ImportOptions.cri_wait_s.
+    not_in_cri: list[str] = field(default_factory=list)
     bytes_read: int = 0
     blobs_written: int = 0
     blobs_present: int = 0
@@ -163,8 +168,25 @@ class Importer:
             # If containerd is gone, the lease expires by itself.
             with contextlib.suppress(ContainerdError):
                 self.client.delete_lease(lease)
+        result.not_in_cri = self._wait_for_cri(result)
         result.duration_s = time.monotonic() - started
         return result
+
+    def _wait_for_cri(self, result: ImportResult) -> list[str]:
+        """Return once the kubelet can see the node's images (the CRI caches image records)."""
+        if self.options.cri_wait_s <= 0 or self.client.namespace != CRI_NAMESPACE:
+            return []
+        node = platforms.node()
+        expect = {
+            image.name: image.digest
+            for image in result.images
+            if "@" not in image.name
+            and (
+                not image.platforms
+                or any(node.matches(platforms.parse(p)) for p in image.platforms)
+            )
+        }
+        return self.client.cri_wait(expect, self.options.cri_wait_s) if expect else []
 
 
 class _Session:

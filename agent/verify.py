@@ -101,7 +101,7 @@ def verify(path: str, progress: ProgressFn | None = None) -> Report:
     store = MemoryStore()
     importer = Importer(
         store,  # type: ignore[arg-type]
-        ImportOptions(unpack=False, platforms=None, pin=False),
+        ImportOptions(unpack=False, platforms=None, pin=False, cri_wait_s=0),
         progress=progress,
     )
     result = importer.import_file(path)

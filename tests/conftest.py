@@ -204,7 +204,7 @@ class DaemonProcess:
                 cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
             )
         self.started = time.monotonic()
-        wait_for(lambda: any(e["event"] == "watching" for e in self.events()), 30, "daemon start")
+        wait_for(lambda: any(e["event"] == "watching" for e in self.events()), 120, "daemon start")
 
     def events(self, all_runs: bool = False) -> list[dict]:  # type: ignore[type-arg]
         import json
@@ -330,7 +330,7 @@ class Registry:
                 return False
             return True
 
-        wait_for(up, 30, "docker-registry to answer")
+        wait_for(up, 120, "docker-registry to answer")
 
     def stop(self) -> None:
         if self.proc is not None:

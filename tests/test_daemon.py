@@ -61,7 +61,7 @@ def test_slow_copy_is_never_imported_early(daemon, client: Containerd, node: Pla
             f.flush()
             if i == 300_000:
                 # Stall (file open) well past the settle time; the daemon must wait.
-                wait_for(lambda: d.record(path) is not None, 10, "the daemon to see the file")
+                wait_for(lambda: d.record(path) is not None, 60, "the daemon to see the file")
                 stalled_until = time.monotonic() + 2.0
                 while time.monotonic() < stalled_until:
                     rec = d.record(path)
@@ -109,7 +109,7 @@ def test_touch_and_same_size_replacement_reimport(
     d.start()
     d.wait_state(path, "imported")
     os.utime(path)
-    wait_for(lambda: len(d.named("import.done")) == 2, 30, "re-import after touch")
+    wait_for(lambda: len(d.named("import.done")) == 2, 90, "re-import after touch")
     assert d.stop() == 0
 
     st = path.stat()
@@ -118,7 +118,7 @@ def test_touch_and_same_size_replacement_reimport(
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     d.start()
     d.wait_state(path, "imported")
-    wait_for(lambda: "docker.io/library/swap:2" in cri_by_tag(client), 30, "swap:2")
+    wait_for(lambda: "docker.io/library/swap:2" in cri_by_tag(client), 90, "swap:2")
 
 
 def test_corrupt_archive_fails_once_without_retry_loop(
@@ -145,8 +145,11 @@ def test_corrupt_archive_fails_once_without_retry_loop(
         check=True,
         capture_output=True,
     )
-    wait_for(lambda: d.record(bad)["attempts"] == 2, 30, "the requested retry")  # type: ignore[index]
-    assert d.record(bad)["state"] == "failed"  # type: ignore[index]
+    wait_for(
+        lambda: (r := d.record(bad)) and r["attempts"] == 2 and r["state"] == "failed",
+        60,
+        "the requested retry to fail again",
+    )
 
 
 def test_other_platform_and_pull_lists_are_skipped(
@@ -188,8 +191,8 @@ def test_kill_9_mid_import_then_restart(
     d = daemon()
     d.start()
     drop_big_archive(d, "big:1", node)
-    wait_for(lambda: d.named("import.started"), 30, "the import to start")
-    wait_for(lambda: client.leases(), 30, "the import's lease")
+    wait_for(lambda: d.named("import.started"), 90, "the import to start")
+    wait_for(lambda: client.leases(), 90, "the import's lease")
     d.kill()
     d.start()
     rec = d.wait_state(d.images / "big.tar", "imported", timeout=120)
@@ -206,10 +209,14 @@ def test_containerd_restart_mid_import_is_retried(
     d = daemon()
     d.start()
     drop_big_archive(d, "cr:1", node)
-    wait_for(lambda: client.leases(), 30, "the import's lease")
+    wait_for(lambda: client.leases(), 90, "the import's lease")
     ctd.kill()
-    wait_for(lambda: d.named("import.deferred"), 30, "the import to be deferred")
-    assert d.record(d.images / "big.tar")["state"] == "pending"  # type: ignore[index]
+    # Deferred, not failed: the record goes back to pending (between retries while it is down).
+    wait_for(
+        lambda: d.named("import.deferred") and d.record(d.images / "big.tar")["state"] == "pending",  # type: ignore[index]
+        60,
+        "the import to be deferred",
+    )
     ctd.start()
     d.wait_state(d.images / "big.tar", "imported", timeout=120)
     with Containerd(ctd.address) as fresh:
@@ -234,7 +241,7 @@ def test_reconcile_after_images_removed_and_unpinned(
     client.label_image("docker.io/library/unpinned:1", {"io.cri-containerd.pinned": ""})
     d.start()
     d.wait_state(gone, "imported")
-    wait_for(lambda: "docker.io/library/gone:1" in cri_by_tag(client), 30, "gone:1 back")
+    wait_for(lambda: "docker.io/library/gone:1" in cri_by_tag(client), 90, "gone:1 back")
     assert_pinned(client, "docker.io/library/unpinned:1")
     assert d.named("image.repinned")
 
@@ -244,7 +251,7 @@ def test_sigterm_exits_zero_quickly(daemon, node: Platform) -> None:
     d = daemon()
     d.start()
     big = drop_big_archive(d, "term:1", node, layers=3, mib=30)
-    wait_for(lambda: d.named("import.started"), 30, "the import to start")
+    wait_for(lambda: d.named("import.started"), 90, "the import to start")
     start = time.monotonic()
     assert d.stop(timeout=10) == 0
     assert time.monotonic() - start < 10
@@ -279,7 +286,7 @@ def test_insufficient_space_waits_then_imports(daemon, tmp_path: Path, node: Pla
         path = make_archive(d.images / "roomy.tar", "roomy:1", node, payload=os.urandom(3 << 20))
         wait_for(
             lambda: "insufficient space" in (d.record(path) or {}).get("reason", ""),
-            30,
+            90,
             "the space check",
         )
         assert d.record(path)["state"] == "pending"  # type: ignore[index]
@@ -294,7 +301,7 @@ def test_delete_after_import(daemon, client: Containerd, node: Platform) -> None
     d = daemon("--delete-after-import", "true")
     d.start()
     path = make_archive(d.images / "once.tar", "once:1", node)
-    wait_for(lambda: d.named("archive.deleted"), 30, "the archive to be deleted")
+    wait_for(lambda: d.named("archive.deleted"), 90, "the archive to be deleted")
     assert not path.exists()
     assert "docker.io/library/once:1" in cri_by_tag(client)
 
@@ -308,7 +315,7 @@ def test_removed_archive_loses_its_record_but_images_stay(
     path = make_archive(d.images / "usb.tar", "usb:1", node)
     d.wait_state(path, "imported")
     path.unlink()
-    wait_for(lambda: d.record(path) is None, 30, "the record to go")
+    wait_for(lambda: d.record(path) is None, 90, "the record to go")
     assert "docker.io/library/usb:1" in cri_by_tag(client)
     assert_pinned(client, "docker.io/library/usb:1")
 
@@ -321,7 +328,7 @@ def test_containerd_down_at_start_then_up(
     path = make_archive(d.images / "early.tar", "early:1", node)
     ctd.stop()
     d.start()
-    wait_for(lambda: d.named("import.deferred"), 30, "the import to be deferred")
+    wait_for(lambda: d.named("import.deferred"), 90, "the import to be deferred")
     assert d.status()["daemon"]["containerd"] == "unreachable"
     ctd.start()
     d.wait_state(path, "imported", timeout=90)
@@ -388,7 +395,7 @@ def test_healthz_follows_containerd_while_idle(daemon, ctd: PrivateContainerd) -
 
     assert code() == 200
     ctd.kill()
-    wait_for(lambda: code() == 503, 30, "healthz to report containerd down")
-    wait_for(lambda: not d.status()["daemon"]["healthy"], 30, "status to say unhealthy")
+    wait_for(lambda: code() == 503, 90, "healthz to report containerd down")
+    wait_for(lambda: not d.status()["daemon"]["healthy"], 90, "status to say unhealthy")
     ctd.start()
-    wait_for(lambda: code() == 200, 30, "healthz to recover")
+    wait_for(lambda: code() == 200, 90, "healthz to recover")

@@ -86,6 +86,30 @@ def test_next_import_order_settle_and_backoff() -> None:
     assert [plan.backoff(n) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 60.0]
 
 
+def test_pull_list_is_read_only_once_settled() -> None:
+    """A list being rewritten (truncated, then written) is not read until it holds still."""
+    wall = 1_000_000.0
+    fresh = Stat(0, int((wall - 0.1) * 1e9))  # just truncated
+    seen, due = plan.list_settled(None, fresh, 10.0, wall, 2.0)
+    assert due == 12.0
+    written = Stat(120, int((wall + 0.2) * 1e9))
+    seen, due = plan.list_settled(seen, written, 10.3, wall + 0.3, 2.0)
+    assert due == 12.3  # changed again: the clock starts over
+    seen, due = plan.list_settled(seen, written, 12.3, wall + 2.3, 2.0)
+    assert due is None
+    # Already in place and old at start: read at once.
+    assert plan.list_settled(None, Stat(5, 0), 10.0, wall, 2.0)[1] is None
+    # A list that vanished must stay gone for the settle time.
+    seen, due = plan.list_settled(None, None, 10.0, wall, 2.0)
+    assert due == 12.0
+    assert plan.list_settled(seen, None, 12.0, wall + 2, 2.0)[1] is None
+    # An mtime in the future (a skewed clock) still settles by holding still.
+    future = Stat(5, int((wall + 3600) * 1e9))
+    seen, due = plan.list_settled(None, future, 10.0, wall, 2.0)
+    assert due == 12.0
+    assert plan.list_settled(seen, future, 12.0, wall + 2, 2.0)[1] is None
+
+
 @pytest.mark.parametrize(
     ("name", "kind"),
     [

@@ -396,3 +396,25 @@ def test_unpack_while_streaming_leaves_only_the_image_chain(
     diff_ids = layout.parse_config(client.read_blob(config, 1 << 20), "c").diff_ids
     assert _snapshot_keys(ctd) == set(layout.chain_ids(diff_ids))
     assert_no_leases(client)
+
+
+def test_import_returns_once_the_cri_lists_the_image(
+    client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """When import returns, the kubelet's view (CRI ImageStatus) already has the image at its digest.
+
+    The CRI caches image records and catches up on events; an import that
+    returned before that could send a pod to ErrImagePull on an air-gapped node.
+    """
+    from agent.importer import Importer, ImportOptions
+
+    image = samples.simple_image("seen:1", {"a": b"a"}, node)
+    path = _write(tmp_path / "seen.tar", samples.oci_archive([image]))
+    result = Importer(client, ImportOptions(platforms=(node,))).import_file(str(path))
+    assert result.not_in_cri == []
+    status = client.cri_image_status("docker.io/library/seen:1")
+    assert status is not None
+    assert f"docker.io/library/seen@{result.images[0].digest}" in status.repo_digests
+    # The wait is real: a digest the CRI never saw is reported back after the timeout.
+    never = {"docker.io/library/seen:1": "sha256:" + "0" * 64}
+    assert client.cri_wait(never, 0.3) == ["docker.io/library/seen:1"]

@@ -66,6 +66,20 @@ def test_bad_auth_file(tmp_path: Path, doc: str, why: str) -> None:
         ),
         (ContainerdError("pull x: pull access denied", code="UNKNOWN"), True, "unauthorized"),
         (
+            ContainerdError("pull x: 403 Forbidden", code="UNKNOWN"),
+            True,
+            "unauthorized",
+        ),
+        (
+            # A registry on a port with "401" in it is not an authorization failure.
+            ContainerdError(
+                "pull 127.0.0.1:40153/a:1: dial tcp 127.0.0.1:40153: connect: connection refused",
+                code="UNKNOWN",
+            ),
+            False,
+            "pull 127.0.0.1:40153",
+        ),
+        (
             ContainerdError(
                 "pull x: dial tcp 127.0.0.1:5000: connect: connection refused", code="UNKNOWN"
             ),

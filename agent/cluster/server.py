@@ -91,7 +91,8 @@ class Source:
             problems += parsed.problems
         return Contribution(self.id, tuple(entries), tuple(problems), self.selector)
 
-    def mtime(self) -> float | None:
+    def signature(self) -> tuple[int, int] | None:
+        """(mtime in ns, size) of a file source, so a rewrite within one mtime tick still shows."""
         path = (
             self.target[1:]
             if self.kind == "images" and self.target.startswith("@")
@@ -102,9 +103,10 @@ class Source:
         if path is None:
             return None
         try:
-            return os.stat(path).st_mtime
+            st = os.stat(path)
         except OSError:
-            return -1.0
+            return -1, -1
+        return st.st_mtime_ns, st.st_size
 
 
 def _read_file(path: str) -> str:
@@ -229,7 +231,7 @@ class Server:
         self.m_nodes = Gauge(
             "image_agent_cluster_nodes", "Nodes that reported", registry=self.registry
         )
-        self._mtimes: dict[str, float | None] = {}
+        self._signatures: dict[str, tuple[int, int] | None] = {}
         self._loaded_at: dict[str, float] = {}
 
     # -- sources ----------------------------------------------------------------
@@ -238,9 +240,9 @@ class Server:
         now = time.monotonic()
         changed_any = False
         for src in self.state.sources:
-            mtime = src.mtime()
+            signature = src.signature()
             due = force or src.id not in self._loaded_at
-            if mtime is not None and mtime != self._mtimes.get(src.id):
+            if signature is not None and signature != self._signatures.get(src.id):
                 due = True
             if (src.is_url or src.kind == "che") and now - self._loaded_at.get(
                 src.id, 0
@@ -248,7 +250,7 @@ class Server:
                 due = True
             if not due:
                 continue
-            self._mtimes[src.id] = mtime
+            self._signatures[src.id] = signature
             self._loaded_at[src.id] = now
             try:
                 contribution = await asyncio.to_thread(src.load)

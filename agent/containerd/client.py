@@ -11,6 +11,7 @@ import datetime as dt
 import os
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -484,6 +485,31 @@ class Containerd:
             return None
         i = resp.image
         return CriImage(i.id, tuple(i.repo_tags), tuple(i.repo_digests), int(i.size), i.pinned)
+
+    def cri_wait(self, expect: dict[str, str], timeout: float) -> list[str]:
+        """Wait until the CRI lists each name at its manifest digest; the names it still doesn't.
+
+        containerd's CRI keeps its own image cache, fed by image events, so a
+        record just written can take a moment to reach ``crictl images`` and
+        the kubelet. Nothing to wait for where the CRI is not served.
+        """
+        deadline = time.monotonic() + timeout
+        pending = dict(expect)
+        pause = 0.01
+        while pending:
+            for name, digest in list(pending.items()):
+                try:
+                    image = self.cri_image_status(name)
+                except ContainerdError as err:
+                    return [] if err.code == "UNIMPLEMENTED" else sorted(pending)
+                if image is not None and any(d.endswith("@" + digest) for d in image.repo_digests):
+                    del pending[name]
+            if pending and time.monotonic() < deadline:
+                time.sleep(pause)  # polling the CRI: it has no way to tell us
+                pause = min(pause * 2, 0.5)
+            else:
+                break
+        return sorted(pending)
 
     def cri_pull(
         self,

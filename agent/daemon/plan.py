@@ -105,6 +105,34 @@ def next_import(
     return Next(None, wake)
 
 
+@dataclass(frozen=True)
+class Seen:
+    """A pull list's stat as first seen, and when (monotonic seconds)."""
+
+    stat: Stat | None
+    since: float
+
+
+def list_settled(
+    seen: Seen | None, stat: Stat | None, now: float, wall: float, settle: float
+) -> tuple[Seen, float | None]:
+    """Whether a pull list may be read now: (what to remember, None or when to look again).
+
+    A list is read whole, and an editor or ``echo >`` truncates it before
+    writing, so a list read mid-write would drop images (and unpin them).
+    It is read once its size and mtime have held for ``settle`` seconds, or
+    at once when it was last modified at least that long ago (a list already
+    in place at start). A vanished list must stay gone for ``settle`` too.
+    """
+    if seen is None or seen.stat != stat:
+        seen = Seen(stat, now)
+    if now - seen.since >= settle:
+        return seen, None
+    if stat is not None and wall - stat.mtime_ns / 1e9 >= settle:
+        return seen, None
+    return seen, seen.since + settle
+
+
 def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
     """Capped exponential backoff: 1, 2, 4, ... seconds up to ``cap``."""
     return float(min(cap, base * 2.0 ** max(0, attempt - 1)))

@@ -90,6 +90,8 @@ class Daemon:
         self.puller = puller
         self.pull_lists = tuple(p.absolute() for p in pull_lists)
         self._pull_list_stats: dict[Path, files.Stat | None] = {}
+        self._list_seen: dict[str, plan.Seen] = {}
+        self._list_due: dict[str, float] = {}  # list path -> when to look at it again
         self._pulls_lock = threading.Lock()
         if puller is not None:
             puller.on_change = self._pulls_changed
@@ -148,6 +150,7 @@ class Daemon:
             while not stop.is_set():
                 self._heartbeat()
                 self._drain()
+                self._recheck_lists()
                 for path in self.store.take_requests():
                     self._retry(path)
                 nxt = plan.next_import(
@@ -161,8 +164,9 @@ class Daemon:
                     self._import(nxt.path, stop)
                     continue
                 timeout = HEARTBEAT_S
-                if nxt.wake_at is not None:
-                    timeout = min(timeout, max(0.01, nxt.wake_at - time.monotonic()))
+                wakes = [w for w in (nxt.wake_at, *self._list_due.values()) if w is not None]
+                if wakes:
+                    timeout = min(timeout, max(0.01, min(wakes) - time.monotonic()))
                 self._wait(stop, timeout)
         finally:
             self.notifier.send("STOPPING=1")
@@ -266,11 +270,18 @@ class Daemon:
         """A .txt list in the images directory: (re)load it into the puller when it changed."""
         if self.puller is None:
             return after
+        if (
+            after is not None
+            and before is not None
+            and (before.size, before.mtime_ns) == (after.size, after.mtime_ns)
+        ):
+            return before
+        st = None if after is None else files.Stat(after.size, after.mtime_ns)
+        if not self._list_complete(key, st):
+            return before  # mid-write: keep what was read last, look again once settled
         if after is None:
             self.puller.set_source(key, [], [])
             return None
-        if before is not None and (before.size, before.mtime_ns) == (after.size, after.mtime_ns):
-            return before
         entries, problems = self._read_list(Path(key))
         self.puller.set_source(key, entries, problems)
         reason = f"pull list: {len(entries)} image(s)"
@@ -285,12 +296,39 @@ class Daemon:
         st = files.stat(path)
         if path in self._pull_list_stats and self._pull_list_stats[path] == st:
             return
+        if not self._list_complete(str(path), st):
+            return
         self._pull_list_stats[path] = st
         if st is None:
             self.log.warning("pull_list.missing", file=str(path))
             self.puller.set_source(str(path), [], [])
             return
         self.puller.set_source(str(path), *self._read_list(path))
+
+    def _list_complete(self, key: str, st: files.Stat | None) -> bool:
+        seen, due = plan.list_settled(
+            self._list_seen.get(key), st, time.monotonic(), time.time(), self.s.settle_s
+        )
+        if due is None:
+            self._list_seen.pop(key, None)
+            self._list_due.pop(key, None)
+            return True
+        self._list_seen[key] = seen
+        self._list_due[key] = due
+        return False
+
+    def _recheck_lists(self) -> None:
+        """Read the lists whose settle time has passed."""
+        now = time.monotonic()
+        due = [key for key, at in self._list_due.items() if at <= now]
+        for key in due:
+            p = Path(key)
+            if p in self.pull_lists:
+                self._load_extra_list(p)
+            else:
+                self._observe(p)
+        if due:
+            self._save()
 
     def _read_list(self, path: Path) -> tuple[list[lists.Entry], list[lists.Problem]]:
         try:
@@ -410,6 +448,8 @@ class Daemon:
                 bytes=result.bytes_read,
                 duration_s=round(result.duration_s, 3),
             )
+            if result.not_in_cri:
+                self.log.warning("import.not_in_cri", file=path, images=result.not_in_cri)
             if self.s.delete_after_import:
                 try:
                     p.unlink()
@@ -447,10 +487,11 @@ class Daemon:
             f"insufficient space: needs about {need >> 20} MiB in "
             f"{self.s.containerd_root}, {free >> 20} MiB free"
         )
+        self.not_before[rec.path] = time.monotonic() + SPACE_RETRY_S
         if rec.reason != reason:
             self.log.warning("archive.waiting_for_space", file=rec.path, reason=reason)
-        self.records[rec.path] = replace(rec, reason=reason)
-        self.not_before[rec.path] = time.monotonic() + SPACE_RETRY_S
+            self.records[rec.path] = replace(rec, reason=reason)
+            self._save()  # so `status` says why it waits
         return False
 
     # -- containerd-side reconciliation ---------------------------------------------

@@ -82,16 +82,10 @@ def classify(err: AgentError) -> Failure:
         return Failure(False, f"containerd unavailable: {text}")
     if code == "NOT_FOUND" or ": not found" in lowered or "manifest unknown" in lowered:
         return Failure(True, f"not found: {text}")
+    # Words, not bare status numbers: "401" also turns up in ports and digests.
     if any(
         s in lowered
-        for s in (
-            "401",
-            "unauthorized",
-            "authorization failed",
-            "403",
-            "forbidden",
-            "pull access denied",
-        )
+        for s in ("unauthorized", "authorization failed", "forbidden", "pull access denied")
     ):
         return Failure(True, f"unauthorized: {text}")
     if code == "INVALID_ARGUMENT" or "invalid reference" in lowered:
