@@ -170,7 +170,6 @@ class DaemonProcess:
         self.state = base / "state"
         self.images.mkdir(parents=True, exist_ok=True)
         self.log_path = base / "daemon.log"
-        self.port = free_port()
         self.extra = extra
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
@@ -192,7 +191,7 @@ class DaemonProcess:
             "--settle",
             "0.5",
             "--listen",
-            f"127.0.0.1:{self.port}",
+            "127.0.0.1:0",  # the daemon binds a free port and logs it: no race for one
             "--containerd-root",
             self.ctd.root,
             *self.extra,
@@ -221,6 +220,13 @@ class DaemonProcess:
                 except ValueError:
                     out.append({"event": "non-json", "line": line})
             return out
+
+    @property
+    def port(self) -> int:
+        """The HTTP port of the running daemon, from its ``http.listening`` line."""
+        listening = self.named("http.listening")
+        assert listening, "the daemon has not logged its HTTP port"
+        return int(listening[-1]["listen"].rpartition(":")[2])
 
     def named(self, event: str, all_runs: bool = False) -> list[dict]:  # type: ignore[type-arg]
         return [e for e in self.events(all_runs) if e.get("event") == event]
@@ -295,6 +301,18 @@ class Registry:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        """Start on this registry's port; the first start moves to another if that one was taken."""
+        first = not (self.base / "config.yml").exists()
+        for _ in range(3):
+            if self._start():
+                return
+            if not first:
+                break
+            self.port = free_port()
+        log = (self.base / "registry.log").read_text(errors="replace")[-2000:]
+        raise AssertionError(f"docker-registry did not start on {self.host}: {log}")
+
+    def _start(self) -> bool:
         import urllib.error
         import urllib.request
 
@@ -321,16 +339,20 @@ class Registry:
                 stderr=subprocess.STDOUT,
             )
 
-        def up() -> bool:
+        proc = self.proc
+
+        def up() -> str:
+            if proc.poll() is not None:
+                return "exited"  # e.g. the port was taken meanwhile
             try:
                 urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
             except urllib.error.HTTPError:
-                return True  # 401 with auth: it answers
+                return "up"  # 401 with auth: it answers
             except OSError:
-                return False
-            return True
+                return ""
+            return "up"
 
-        wait_for(up, 120, "docker-registry to answer")
+        return wait_for(up, 120, "docker-registry to answer") == "up"
 
     def stop(self) -> None:
         if self.proc is not None:

@@ -7,6 +7,7 @@ import os
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -18,7 +19,7 @@ import pytest
 
 from agent import samples
 from agent.platforms import Platform
-from tests.conftest import ROOT, free_port, wait_for
+from tests.conftest import ROOT, wait_for
 
 pytestmark = pytest.mark.containerd
 
@@ -56,10 +57,8 @@ class FixtureServer:
 
 class ClusterProcess:
     def __init__(self, tmp: Path, *args: str, scheme: str = "http", cafile: str = "") -> None:
-        self.port = free_port()
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.context = ssl.create_default_context(cafile=cafile) if cafile else None
-        self.log = tmp / f"cluster-{self.port}.log"
+        self.log = Path(tempfile.mkstemp(prefix="cluster-", suffix=".log", dir=tmp)[1])
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
                 [
@@ -69,14 +68,28 @@ class ClusterProcess:
                     "cluster",
                     "serve",
                     "--listen",
-                    f"127.0.0.1:{self.port}",
+                    "127.0.0.1:0",  # binds a free port and logs it
                     *args,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
             )
+        serving = wait_for(self._serving, 120, "the cluster server to log its port")
+        self.port = int(serving["listen"].rpartition(":")[2])
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         wait_for(self._up, 120, "the cluster server")
+
+    def _serving(self) -> dict | None:  # type: ignore[type-arg]
+        if self.proc.poll() is not None:
+            raise AssertionError(f"cluster server exited: {self.log.read_text()[-2000:]}")
+        for line in self.log.read_text(errors="replace").splitlines():
+            if '"cluster.serving"' in line:
+                try:
+                    return json.loads(line)  # type: ignore[no-any-return]
+                except ValueError:
+                    return None  # half-written: read again
+        return None
 
     def _up(self) -> bool:
         try:
