@@ -452,8 +452,8 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
             server = serve(dcfg.listen, metrics, daemon.health)
         except (OSError, ValueError) as err:
             raise UsageError(f"--listen {dcfg.listen}: {err}") from None
-        host, port = server.server_address[:2]
-        log.info("http.listening", listen=f"{host}:{port}")  # the port, also when asked for :0
+        # The bound port, also when asked for :0.
+        log.info("http.listening", listen=f"{dcfg.listen.rpartition(':')[0]}:{server.server_port}")
     sync = _cluster_sync(args, daemon, puller, Path(dcfg.state_dir), log)
     log.info("starting", version=__version__, address=client.address, images_dir=dcfg.images_dir)
     try:
