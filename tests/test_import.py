@@ -12,6 +12,7 @@ import pytest
 from agent import samples
 from agent.archive import layout
 from agent.containerd import Containerd
+from agent.importer import Importer, ImportOptions
 from agent.platforms import Platform
 from agent.sandbox import PrivateContainerd
 from tests.conftest import Podman, ctr
@@ -406,8 +407,6 @@ def test_import_returns_once_the_cri_lists_the_image(
     The CRI caches image records and catches up on events; an import that
     returned before that could send a pod to ErrImagePull on an air-gapped node.
     """
-    from agent.importer import Importer, ImportOptions
-
     image = samples.simple_image("seen:1", {"a": b"a"}, node)
     path = _write(tmp_path / "seen.tar", samples.oci_archive([image]))
     result = Importer(client, ImportOptions(platforms=(node,))).import_file(str(path))
