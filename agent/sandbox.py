@@ -12,13 +12,15 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
 from agent.containerd.client import Containerd
 from agent.errors import AgentError, ContainerdUnavailable
 
-_CONFIG = """\
+# containerd 1.6 and 1.7 read version 2 configs.
+_CONFIG_V2 = """\
 version = 2
 root = "{base}/root"
 state = "{base}/state"
@@ -39,6 +41,9 @@ oom_score = 0
 [plugins."io.containerd.internal.v1.opt"]
   path = "{base}/opt"
 
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
@@ -52,6 +57,86 @@ oom_score = 0
     config_path = "{base}/certs.d"
 """
 
+# containerd 2.x's native format: the CRI plugin is split into images,
+# runtime and the gRPC server. NRI is off so that private instances do not
+# share its socket.
+_CONFIG_V3 = """\
+version = 3
+root = "{base}/root"
+state = "{base}/state"
+oom_score = 0
+
+[grpc]
+  address = "{base}/containerd.sock"
+
+[ttrpc]
+  address = "{base}/containerd.sock.ttrpc"
+
+[debug]
+  level = "{log_level}"
+
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{base}/opt"
+
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "{snapshotter}"
+  [plugins."io.containerd.cri.v1.images".registry]
+    config_path = "{base}/certs.d"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  enable_selinux = false
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["{base}/cni/bin"]
+    conf_dir = "{base}/cni/conf"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+"""
+
+# The releases the test matrix runs on. "1.6" is the system's containerd
+# (Debian 12); the others are unpacked by scripts/fetch-containerd.
+RELEASES = ("1.6", "1.7", "2")
+RELEASE_ENV = "IMAGE_AGENT_TEST_CONTAINERD"
+CACHE_ENV = "IMAGE_AGENT_CONTAINERD_CACHE"
+
+
+@dataclass(frozen=True)
+class Release:
+    """One containerd release: its binaries and the config version it reads natively."""
+
+    name: str
+    containerd: str
+    ctr: str
+
+    @property
+    def major(self) -> int:
+        return int(self.name.split(".")[0])
+
+
+def select_release(name: str | None = None) -> Release:
+    """The release named (default: ``$IMAGE_AGENT_TEST_CONTAINERD``, else the system's)."""
+    name = name if name is not None else os.environ.get(RELEASE_ENV, "")
+    if name in ("", "1.6", "system"):
+        return Release("1.6", "containerd", "ctr")
+    if name not in RELEASES:
+        raise AgentError(f"{RELEASE_ENV}={name}: expected one of {', '.join(RELEASES)}")
+    cache = Path(
+        os.environ.get(CACHE_ENV, "") or Path.home() / ".cache" / "image-agent" / "containerd"
+    )
+    bin_dir = cache / name / "usr" / "bin"
+    if not (bin_dir / "containerd").exists():
+        raise AgentError(
+            f"containerd {name} is not in {cache} (run scripts/fetch-containerd {name})"
+        )
+    return Release(name, str(bin_dir / "containerd"), str(bin_dir / "ctr"))
+
 
 class PrivateContainerd:
     """Start containerd under ``base``; stop it and (optionally) clean up on exit."""
@@ -61,12 +146,13 @@ class PrivateContainerd:
         base: str | os.PathLike[str],
         *,
         snapshotter: str = "overlayfs",
-        binary: str = "containerd",
+        release: Release | None = None,
         log_level: str = "warn",
     ) -> None:
         self.base = Path(base).resolve()
         self.snapshotter = snapshotter
-        self.binary = binary
+        self.release = release if release is not None else select_release()
+        self.binary = self.release.containerd
         self.log_level = log_level
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -97,8 +183,9 @@ class PrivateContainerd:
         for sub in ("root", "state", "opt", "cni/bin", "cni/conf", "certs.d"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         config = self.base / "config.toml"
+        template = _CONFIG_V3 if self.release.major >= 2 else _CONFIG_V2
         config.write_text(
-            _CONFIG.format(base=self.base, snapshotter=self.snapshotter, log_level=self.log_level)
+            template.format(base=self.base, snapshotter=self.snapshotter, log_level=self.log_level)
         )
         sock = Path(self.address)
         if sock.exists():

@@ -16,9 +16,11 @@ import pytest
 from agent import platforms
 from agent.containerd import Containerd
 from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd
+from agent.sandbox import PrivateContainerd, select_release
 
 ROOT = Path(__file__).resolve().parent.parent
+# The containerd release under test (IMAGE_AGENT_TEST_CONTAINERD: 1.6, 1.7 or 2).
+RELEASE = select_release()
 
 
 @pytest.fixture
@@ -27,10 +29,17 @@ def ctd() -> Iterator[PrivateContainerd]:
     if os.geteuid() != 0:
         pytest.fail("these tests start containerd and must run as root")
     base = tempfile.mkdtemp(prefix="ia-ctd-", dir="/tmp")
-    c = PrivateContainerd(base)
+    c = PrivateContainerd(base, release=RELEASE)
     c.start()
     try:
         yield c
+        died = c.proc is not None and c.proc.poll() is not None
+        log = c.log_path.read_text(errors="replace") if c.log_path.exists() else ""
+        if died or "panic:" in log:
+            # The agent must never be what takes the node's runtime down.
+            start = log.find("panic:")
+            tail = log[start : start + 4000] if start >= 0 else log[-4000:]
+            pytest.fail(f"containerd {RELEASE.name} died during the test:\n{tail}")
     finally:
         c.cleanup()
 
@@ -129,7 +138,7 @@ def podman() -> Iterator[Podman]:
 
 def ctr(ctd: PrivateContainerd, namespace: str, *args: str) -> str:
     proc = subprocess.run(
-        ["ctr", "-a", ctd.address, "-n", namespace, *args],
+        [ctd.release.ctr, "-a", ctd.address, "-n", namespace, *args],
         capture_output=True,
         text=True,
         timeout=300,

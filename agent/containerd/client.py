@@ -45,6 +45,8 @@ MAX_MESSAGE = 16 << 20
 WRITE_WINDOW = 4
 LEASE_EXPIRE_LABEL = "containerd.io/gc.expire"
 LEASE_PREFIX = "image-agent-"
+# Read-modify-write rounds before giving up on an image record that keeps changing.
+_UPDATE_ATTEMPTS = 5
 
 _UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -404,58 +406,84 @@ class Containerd:
     ) -> str:
         """Create the image record, or move/relabel an existing one.
 
-        Returns ``created``, ``updated`` or ``unchanged``.
+        Returns ``created``, ``updated`` or ``unchanged``. Labels other than
+        ``labels`` (another tool's) are left as they are.
         """
         target = descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size)
-        existing = self.get_image(name)
-        image = images_pb2.Image(name=name, target=target, labels=labels)
-        if existing is None:
-            try:
-                self._call(
-                    self._images.Create,
-                    images_pb2.CreateImageRequest(image=image),
-                    f"create {name}",
-                )
+        for _ in range(_UPDATE_ATTEMPTS):
+            existing = self.get_image(name)
+            if existing is None:
+                try:
+                    self._call(
+                        self._images.Create,
+                        images_pb2.CreateImageRequest(
+                            image=images_pb2.Image(name=name, target=target, labels=labels)
+                        ),
+                        f"create {name}",
+                    )
+                except AlreadyExists:
+                    continue  # created in between: read it again
                 return "created"
-            except AlreadyExists:
-                existing = self.get_image(name)
-        if (
-            existing is not None
-            and existing.target.digest == target.digest
-            and all(existing.labels.get(k) == v for k, v in labels.items())
-        ):
-            return "unchanged"
-        merged = dict(existing.labels) if existing else {}
-        merged.update(labels)
-        image = images_pb2.Image(name=name, target=target, labels=merged)
+            if existing.target.digest == target.digest and all(
+                existing.labels.get(k) == v for k, v in labels.items()
+            ):
+                return "unchanged"
+            merged = {**existing.labels, **labels}
+            paths = ["target", *(f"labels.{k}" for k in labels)]
+            try:
+                self._update_image(
+                    images_pb2.Image(name=name, target=target, labels=merged), paths, name
+                )
+            except NotFound:
+                continue  # deleted in between: create it
+            return "updated"
+        raise ContainerdError(f"update {name}: the record kept changing; try again")
+
+    def label_image(self, name: str, labels: dict[str, str]) -> None:
+        """Set ``labels`` on an existing image record, keeping its other labels.
+
+        Raises NotFound when there is no such record.
+        """
+        self._relabel(name, set=labels, remove=())
+
+    def unlabel_image(self, name: str, *keys: str) -> None:
+        """Remove labels from an image record, if it exists."""
+        with contextlib.suppress(NotFound):
+            self._relabel(name, set={}, remove=keys)
+
+    def _relabel(self, name: str, *, set: dict[str, str], remove: Iterable[str]) -> None:
+        """Read the record, change only the named labels, write the whole record back.
+
+        containerd 1.7 and 2.x convert the request's whole ``Image`` before
+        looking at the field mask, and crash on one without a target, so a
+        label change always carries the record as read. The mask names only
+        the labels changed, so a concurrent move of the tag or another
+        tool's labels are not overwritten; a record deleted in between is
+        NotFound.
+        """
+        remove = tuple(remove)
+        existing = self.get_image(name)
+        if existing is None:
+            raise NotFound(f"image {name} not found", code="NOT_FOUND")
+        labels = {k: v for k, v in existing.labels.items() if k not in remove}
+        labels.update(set)
+        paths = [f"labels.{k}" for k in (*set, *remove)]
+        if not paths:
+            return
+        image = images_pb2.Image(name=name, target=existing.target, labels=labels)
+        self._update_image(image, paths, name)
+
+    def _update_image(self, image: images_pb2.Image, paths: list[str], name: str) -> None:
+        if not image.HasField("target") or not image.target.digest:
+            # Never send containerd a partial record (see _relabel).
+            raise ContainerdError(f"update {name}: refusing to send an image without a target")
         self._call(
             self._images.Update,
             images_pb2.UpdateImageRequest(
-                image=image, update_mask=field_mask_pb2.FieldMask(paths=["target", "labels"])
+                image=image, update_mask=field_mask_pb2.FieldMask(paths=paths)
             ),
             f"update {name}",
         )
-        return "updated"
-
-    def label_image(self, name: str, labels: dict[str, str]) -> None:
-        """Set ``labels`` on an existing image record, keeping its other labels."""
-        image = images_pb2.Image(name=name, labels=labels)
-        mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])
-        self._call(
-            self._images.Update,
-            images_pb2.UpdateImageRequest(image=image, update_mask=mask),
-            f"label {name}",
-        )
-
-    def unlabel_image(self, name: str, *keys: str) -> None:
-        """Remove labels from an image record (a masked label absent from the update goes)."""
-        mask = field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in keys])
-        with contextlib.suppress(NotFound):
-            self._call(
-                self._images.Update,
-                images_pb2.UpdateImageRequest(image=images_pb2.Image(name=name), update_mask=mask),
-                f"unlabel {name}",
-            )
 
     def delete_image(self, name: str) -> None:
         with contextlib.suppress(NotFound):
