@@ -1,0 +1,54 @@
+"""JSON from untrusted sources, parsed within size and nesting limits.
+
+The standard parser recurses once per nesting level, so a document of
+100,000 ``[`` raises RecursionError (not ValueError) deep inside it. Every
+document the agent reads from an archive, a list, a registry or a client goes
+through :func:`loads`, which checks the size and the nesting depth before
+parsing, and turns every failure into one :class:`JSONLimitError` line.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# Nesting deeper than this is refused before parsing. Image documents nest
+# about 5 deep; Che devfiles and node reports less than 20.
+MAX_DEPTH = 64
+
+# A JSON string (with escapes) or one bracket: strings are skipped so that
+# brackets inside them do not count.
+_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_OPEN = frozenset(b"[{")
+
+
+class JSONLimitError(ValueError):
+    """The document is not JSON, or exceeds a limit. ``str()`` is one line."""
+
+
+def depth(data: bytes) -> int:
+    """The deepest nesting of arrays and objects in ``data`` (0 for a scalar)."""
+    deepest = level = 0
+    for match in _TOKENS.finditer(data):
+        first = data[match.start()]
+        if first in _OPEN:
+            level += 1
+            deepest = max(deepest, level)
+        elif first != ord('"'):
+            level -= 1
+    return deepest
+
+
+def loads(data: bytes | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:
+    """Parse ``data``; raise JSONLimitError naming ``what`` when it is too big, deep or invalid."""
+    raw = data.encode() if isinstance(data, str) else data
+    if len(raw) > max_bytes:
+        raise JSONLimitError(f"{what} is larger than {max_bytes} bytes")
+    if depth(raw) > max_depth:
+        raise JSONLimitError(f"{what} nests deeper than {max_depth} levels")
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not valid JSON"
+        raise JSONLimitError(f"{what} is not valid JSON ({reason})") from None
