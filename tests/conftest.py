@@ -403,3 +403,10 @@ def registry(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped
     yield make
     for r in started:
         r.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that starts a containerd (directly or through another fixture)."""
+    for item in items:
+        if "ctd" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.containerd)
