@@ -102,24 +102,76 @@ def make_archive(
     manifest = json.dumps(
         [{"Config": config_name, "RepoTags": [name], "Layers": [e[0] for e in entries]}]
     ).encode()
+    _write_zstd_tar(out, dict(entries), [(config_name, config), ("manifest.json", manifest)])
+    for _, path in entries:
+        path.unlink()
+    return out
+
+
+# The site bundle: many images sharing one base, as `docker save a b c …`
+# carries them. About 560 MB uncompressed for 30 images.
+BUNDLE_BASE = LayerSpec(small_files=3000, big_files=0, big_size=0)
+BUNDLE_APP = (
+    LayerSpec(small_files=600, big_files=0, big_size=0),
+    LayerSpec(small_files=0, big_files=1, big_size=16 * MiB),
+)
+
+
+def make_bundle(out: Path, work: Path, images: int = 30) -> Path:
+    """Write a docker-shaped ``.tar.zst`` of ``images`` images on one shared base; returns it.
+
+    Deterministic: the same ``images`` gives the same bytes. Layers are
+    written in image order and ``manifest.json`` comes last, as docker does.
+    """
+    if out.exists():
+        return out
+    work.mkdir(parents=True, exist_ok=True)
+    node = platforms.node()
+    layers: dict[str, Path] = {}  # arcname -> staged tar, in archive order
+    base_digest, _ = write_layer(work / "base.tar", BUNDLE_BASE, seed=1000)
+    layers[f"{base_digest[7:]}.tar"] = work / "base.tar"
+    configs: list[tuple[str, bytes]] = []
+    manifest = []
+    for i in range(images):
+        diff_ids = [base_digest]
+        for j, spec in enumerate(BUNDLE_APP):
+            path = work / f"app{i}-{j}.tar"
+            digest, _ = write_layer(path, spec, seed=2000 + i * 10 + j)
+            diff_ids.append(digest)
+            layers[f"{digest[7:]}.tar"] = path
+        config = samples.config_bytes(node, diff_ids)
+        config_name = f"{hashlib.sha256(config).hexdigest()}.json"
+        configs.append((config_name, config))
+        manifest.append(
+            {
+                "Config": config_name,
+                "RepoTags": [f"bench/app{i:03d}:1"],
+                "Layers": [f"{d[7:]}.tar" for d in diff_ids],
+            }
+        )
+    _write_zstd_tar(out, layers, [*configs, ("manifest.json", json.dumps(manifest).encode())])
+    for path in layers.values():
+        path.unlink()
+    return out
+
+
+def _write_zstd_tar(out: Path, files: dict[str, Path], docs: list[tuple[str, bytes]]) -> None:
+    """Staged ``files`` then in-memory ``docs``, as one zstd-compressed tar, atomically."""
     partial = out.with_suffix(".partial")
     with open(partial, "wb") as f:
         zstd = subprocess.Popen(["zstd", "-q", "-3", "-T0", "-c"], stdin=subprocess.PIPE, stdout=f)
         assert zstd.stdin is not None
         with tarfile.open(fileobj=zstd.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-            for arcname, path in entries:
+            for arcname, path in files.items():
                 info = tar.gettarinfo(str(path), arcname)
                 info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
                 with open(path, "rb") as src:
                     tar.addfile(info, src)
-            for arcname, data in ((config_name, config), ("manifest.json", manifest)):
+            for arcname, data in docs:
                 info = tarfile.TarInfo(arcname)
                 info.size, info.mtime = len(data), 0
                 tar.addfile(info, io.BytesIO(data))
         zstd.stdin.close()
         if zstd.wait() != 0:
             raise RuntimeError("zstd failed")
-    for _, path in entries:
-        path.unlink()
     partial.rename(out)
-    return out

@@ -4,7 +4,11 @@ Same archive, same run, fresh containerd state for each first import, unpack
 on for both. Prints wall times, ratios and peak RSS, then the re-import of an
 archive whose content is already present.
 
-    .venv/bin/python -m bench.import_bench [--archive PATH] [--small]
+    .venv/bin/python -m bench.import_bench [--archive PATH] [--small] [--bundle N]
+
+``--bundle N`` measures a site bundle instead: one docker archive of N images
+on a shared base (``bench.gen.make_bundle``). ``IMAGE_AGENT_TEST_CONTAINERD``
+picks the containerd release, and ``ctr`` comes from the same release.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.sandbox import PrivateContainerd
+from agent.sandbox import PrivateContainerd, select_release
 from bench import gen
 
 ROOT = Path(__file__).resolve().parent.parent
+CTR = select_release().ctr
 OUT = ROOT / "bench" / "out"
 
 
@@ -63,7 +68,7 @@ def ours(address: str, archive: Path) -> Run:
 
 def theirs(address: str, archive: Path) -> Run:
     return run_measured(
-        ["ctr", "-a", address, "-n", "k8s.io", "images", "import", "-"],
+        [CTR, "-a", address, "-n", "k8s.io", "images", "import", "-"],
         stdin_cmd=["zstd", "-dc", str(archive)],
     )
 
@@ -80,10 +85,15 @@ def main() -> int:
         "--archive", type=Path, help="archive to import (default: generate ~1.1 GB)"
     )
     parser.add_argument("--small", action="store_true", help="a ~120 MB archive, for a quick look")
+    parser.add_argument(
+        "--bundle", type=int, metavar="N", help="a site bundle of N images on a shared base"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating who goes first")
     args = parser.parse_args()
     if args.archive:
         archive = args.archive
+    elif args.bundle:
+        archive = gen.make_bundle(OUT / f"bundle-{args.bundle}.tar.zst", OUT / "work", args.bundle)
     elif args.small:
         small = tuple(
             gen.LayerSpec(s.small_files // 10, s.big_files, s.big_size // 10)
