@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import platforms, refs
+from agent import boundedjson, platforms, refs
+from agent.archive import limits
 from agent.archive.compression import Compression
 from agent.archive.tarstream import safe_name
 from agent.errors import ArchiveError
@@ -84,12 +85,22 @@ def sha256(data: bytes) -> str:
 
 
 def load_json(data: bytes, what: str) -> Any:
+    """Parse a metadata document within the size and nesting limits."""
     if len(data) > MAX_JSON:
         raise ArchiveError(f"{what} is larger than {MAX_JSON >> 20} MiB")
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ArchiveError(f"{what} is not valid JSON ({err})") from None
+        return boundedjson.loads(
+            data, what=what, max_bytes=MAX_JSON, max_depth=limits.current().max_json_depth
+        )
+    except boundedjson.JSONLimitError as err:
+        raise ArchiveError(str(err)) from None
+    except UnicodeDecodeError:
+        raise ArchiveError(f"{what} is not valid JSON (not UTF-8)") from None
+
+
+def _check_count(n: int, limit: int, what: str, things: str, setting: str) -> None:
+    if n > limit:
+        raise ArchiveError(f"{what} has {n} {things}, more than the limit of {limit} ({setting})")
 
 
 def dump_json(obj: Any) -> bytes:
@@ -147,6 +158,8 @@ def parse_index(data: bytes, what: str = OCI_INDEX_FILE) -> tuple[Descriptor, ..
     doc = load_json(data, what)
     if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
         raise ArchiveError(f"{what} has no manifests list")
+    bound = limits.current().max_manifests
+    _check_count(len(doc["manifests"]), bound, what, "manifests", "max_manifests")
     return tuple(_descriptor(m, f"{what} manifests[{i}]") for i, m in enumerate(doc["manifests"]))
 
 
@@ -170,6 +183,8 @@ def parse_manifest(data: bytes, what: str) -> Manifest:
     doc = load_json(data, what)
     if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
         raise ArchiveError(f"{what} is not an image manifest")
+    bound = limits.current().max_layers
+    _check_count(len(doc["layers"]), bound, what, "layers", "max_layers")
     config = _descriptor(doc.get("config"), f"{what} config")
     layers = tuple(_descriptor(item, f"{what} layers[{i}]") for i, item in enumerate(doc["layers"]))
     media_type = doc.get("mediaType") or OCI_MANIFEST
@@ -186,6 +201,8 @@ def parse_config(data: bytes, what: str) -> ImageConfig:
         isinstance(d, str) and refs.is_digest(d) for d in diff_ids
     ):
         raise ArchiveError(f"{what} has no valid rootfs.diff_ids")
+    bound = limits.current().max_layers
+    _check_count(len(diff_ids), bound, what, "layers", "max_layers")
     return ImageConfig(platforms.from_json(doc), tuple(diff_ids))
 
 
@@ -194,6 +211,7 @@ def parse_docker_manifest(data: bytes) -> tuple[DockerEntry, ...]:
     doc = load_json(data, what)
     if not isinstance(doc, list) or not doc:
         raise ArchiveError(f"{what} is not a non-empty list of images")
+    _check_count(len(doc), limits.current().max_manifests, what, "images", "max_manifests")
     entries = []
     for i, item in enumerate(doc):
         where = f"{what}[{i}]"
@@ -204,6 +222,7 @@ def parse_docker_manifest(data: bytes) -> tuple[DockerEntry, ...]:
             raise ArchiveError(f"{where} has no Config")
         if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
             raise ArchiveError(f"{where} has no Layers list")
+        _check_count(len(layers), limits.current().max_layers, where, "layers", "max_layers")
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ArchiveError(f"{where} has invalid RepoTags")
         entries.append(
