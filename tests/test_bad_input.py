@@ -58,7 +58,165 @@ def _raw_tar_member(name: str, data: bytes, typ: bytes = tarfile.REGTYPE) -> byt
     return bytes(header) + body + b"\0" * 1024
 
 
+def _header(name: str, size: int, typ: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, typ
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _pax_bomb(node: Platform) -> bytes:
+    """4 KiB of gzip holding a 4 MB pax header of the records that make old tarfile quadratic."""
+    payload = b"2 " * 2_000_000
+    raw = _header("././@PaxHeader", len(payload), tarfile.XHDTYPE) + payload
+    raw += b"\0" * (-len(payload) % 512) + _header("a", 0, tarfile.REGTYPE) + b"\0" * 1024
+    return samples.compress(raw, "gzip")
+
+
+def _gnu_long_name_bomb(node: Platform) -> bytes:
+    """A GNU long-name header claiming 64 MiB (tarfile would read it whole into memory)."""
+    size = 64 << 20
+    raw = _header("././@LongLink", size, tarfile.GNUTYPE_LONGNAME) + b"a" * 4096
+    return samples.compress(raw, "zstd")
+
+
+def _malformed_pax_records(node: Platform) -> bytes:
+    """Pax records whose lengths do not tile the header (the quadratic regex's food)."""
+    payload = b"9 " + b"a" * 3000 + b"\n"
+    raw = _header("p", len(payload), tarfile.XHDTYPE) + payload + b"\0" * (-len(payload) % 512)
+    return raw + _header("a", 0, tarfile.REGTYPE) + b"\0" * 1024
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def _oci_with(node: Platform, replace: Callable[[str, bytes], bytes]) -> bytes:
+    """The good OCI archive with each member's bytes passed through ``replace``."""
+    return samples.archive_bytes([(n, replace(n, d)) for n, d in _entries(_good(node))])
+
+
+def _deep_config(node: Platform) -> bytes:
+    """A manifest pointing at a config nested 100,000 deep (digest and size correct)."""
+    from agent.archive import layout
+
+    entries = dict(_entries(_good(node)))
+    config = b'{"rootfs":' + DEEP + b"}"
+    c = layout.sha256(config)
+    out = []
+    for name, data in entries.items():
+        if data.startswith(b"{") and b'"layers"' in data:
+            doc = json.loads(data)
+            doc["config"] = {"mediaType": layout.OCI_CONFIG, "digest": c, "size": len(config)}
+            data = layout.dump_json(doc)
+            m = layout.sha256(data)
+            name = f"blobs/sha256/{m[7:]}"
+            index = {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": layout.OCI_MANIFEST,
+                        "digest": m,
+                        "size": len(data),
+                        "annotations": {layout.ANNOTATION_IMAGE_NAME: "deep:1"},
+                    }
+                ],
+            }
+            out.append(("index.json", layout.dump_json(index)))
+        elif name == "index.json":
+            continue
+        out.append((name, data))
+    out.append((f"blobs/sha256/{c[7:]}", config))
+    return samples.archive_bytes(out)
+
+
+def _many_entries_manifest(node: Platform) -> bytes:
+    """A docker-archive manifest.json of 45,000 images (under the 4 MiB size limit)."""
+    entry = {"Config": "c.json", "RepoTags": ["x:1"], "Layers": ["l.tar"]}
+    doc = json.dumps([entry] * 45_000).encode()
+    assert len(doc) < 4 << 20
+    return samples.archive_bytes([("manifest.json", doc)])
+
+
+def _repeated_layer(node: Platform) -> bytes:
+    """An image that uses the same (real, present) layer 10,000 times."""
+    from agent.archive import layout
+
+    layer = samples.tar_bytes({"f": b"x"})
+    ld = layout.sha256(layer)
+    config = samples.config_bytes(node, [ld] * 10_000)
+    c = layout.sha256(config)
+    manifest = layout.dump_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": layout.OCI_MANIFEST,
+            "config": {"mediaType": layout.OCI_CONFIG, "digest": c, "size": len(config)},
+            "layers": [{"mediaType": layout.OCI_LAYER, "digest": ld, "size": len(layer)}]
+            * 10_000,
+        }
+    )
+    m = layout.sha256(manifest)
+    index = layout.dump_json(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": layout.OCI_MANIFEST,
+                    "digest": m,
+                    "size": len(manifest),
+                    "annotations": {layout.ANNOTATION_IMAGE_NAME: "repeat:1"},
+                }
+            ],
+        }
+    )
+    return samples.archive_bytes(
+        [
+            (f"blobs/sha256/{ld[7:]}", layer),
+            (f"blobs/sha256/{c[7:]}", config),
+            (f"blobs/sha256/{m[7:]}", manifest),
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", index),
+        ]
+    )
+
+
+def _zstd_long(data: bytes, window_log: int) -> bytes:
+    """``data`` compressed by the zstd tool with ``--long``, streamed so the window is kept."""
+    import subprocess
+
+    return subprocess.run(
+        ["zstd", "-q", "-c", f"--long={window_log}", "-"], input=data, capture_output=True, check=True
+    ).stdout
+
+
 CASES: dict[str, tuple[Callable[[Platform], bytes], str]] = {
+    "pax-bomb": (_pax_bomb, r"extended header of 4000000 bytes exceeds the 64 KiB limit"),
+    "gnu-long-name-bomb": (_gnu_long_name_bomb, r"extended header of 67108864 bytes exceeds"),
+    "malformed-pax-records": (_malformed_pax_records, r"pax record at byte 0 has a wrong length"),
+    "deep-index-json": (
+        lambda n: _oci_with(n, lambda name, d: DEEP if name == "index.json" else d),
+        "index.json nests deeper than 64 levels",
+    ),
+    "deep-manifest-json": (
+        lambda n: samples.archive_bytes([("manifest.json", DEEP)]),
+        "manifest.json nests deeper than 64 levels",
+    ),
+    "deep-config": (_deep_config, "config nests deeper than 64 levels"),
+    "zstd-long31": (
+        lambda n: _zstd_long(_good(n), 31),
+        r"zstd window of 2 GiB \(--long=31\) exceeds the 128 MiB allowed by --memory-budget",
+    ),
+    "manifest-json-45000-entries": (
+        _many_entries_manifest,
+        "manifest.json has 45000 images, more than the limit of 1000",
+    ),
+    "repeated-layer": (_repeated_layer, "10000 layers, more than the limit of 500"),
+    "blob-name-not-a-digest": (
+        lambda n: samples.archive_bytes([("blobs/sha256/not-a-digest", b"x")]),
+        "blob name is not a sha256 digest",
+    ),
+    "blob-name-md5": (
+        lambda n: samples.archive_bytes([("blobs/md5/abc", b"x")]),
+        "unsupported digest algorithm 'md5'",
+    ),
     "truncated-zstd": (
         lambda n: zstandard.ZstdCompressor().compress(_good(n, 200_000))[:-5000],
         "truncated",
@@ -210,3 +368,37 @@ def test_containerd_unreachable(cli, tmp_path: Path) -> None:
     assert result.code == 3
     assert "not reachable" in result.err
     assert "Traceback" not in result.err
+
+
+def test_memory_budget_decides_the_zstd_window(
+    cli, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """A --long=27 archive fails with the window and the setting named under a 112Mi budget, and imports under the default."""
+    path = tmp_path / "long27.tar.zst"
+    path.write_bytes(_zstd_long(_good(node), 27))
+    small = cli("import", "--memory-budget", "112Mi", str(path))
+    assert small.code == 1, small
+    (line,) = small.err.strip().splitlines()
+    assert "zstd window of 128 MiB (--long=27) exceeds the 16 MiB allowed by --memory-budget 112 MiB" in line
+    assert "IMAGE_AGENT_MEMORY_BUDGET" in line
+    assert_nothing_imported(client)
+    ok = cli("import", str(path))
+    assert ok.code == 0, ok
+    assert "docker.io/library/good:1" in cri_by_tag(client)
+
+
+def test_member_count_bound(cli, client: Containerd, tmp_path: Path) -> None:
+    """An archive with more tar headers than --max-archive-members is refused at the first one over."""
+    path = tmp_path / "many.tar"
+    path.write_bytes(samples.archive_bytes([(f"f{i}", b"") for i in range(50)]))
+    result = cli("import", "--max-archive-members", "20", str(path))
+    assert result.code == 1, result
+    assert "more than 20 tar headers" in result.err
+    assert_nothing_imported(client)
+
+
+def test_memory_budget_too_small_is_a_usage_error(cli, tmp_path: Path) -> None:
+    """A budget that leaves no room for any window is refused as usage, before any archive is read."""
+    result = cli("import", "--memory-budget", "64Mi", str(tmp_path / "x.tar"))
+    assert result.code == 2, result
+    assert "--memory-budget 64 MiB is below" in result.err

@@ -109,13 +109,24 @@ def dump_json(obj: Any) -> bytes:
 
 
 def digest_of_blob_path(name: str) -> str | None:
-    """``sha256:<hex>`` if ``name`` is an OCI layout blob path (``blobs/sha256/<hex>``)."""
+    """``sha256:<hex>`` if ``name`` is an OCI layout blob path (``blobs/sha256/<hex>``).
+
+    None for names outside ``blobs/``. A file inside it that is not named by
+    a valid digest of a supported algorithm raises ArchiveError: its content
+    could never be checked, and a consumer unpacking the layout would take it
+    for a blob.
+    """
     parts = name.split("/")
-    if len(parts) == 3 and parts[0] == "blobs" and parts[1] == "sha256":
-        digest = f"sha256:{parts[2]}"
-        if refs.is_digest(digest):
-            return digest
-    return None
+    if parts[0] != "blobs" or len(parts) == 1:
+        return None
+    if len(parts) != 3:
+        raise ArchiveError(f"{name}: not a blob path (blobs/<algorithm>/<hex>)")
+    if parts[1] != "sha256":
+        raise ArchiveError(f"{name}: unsupported digest algorithm {parts[1]!r} (sha256 only)")
+    digest = f"sha256:{parts[2]}"
+    if not refs.is_digest(digest):
+        raise ArchiveError(f"{name}: blob name is not a sha256 digest (64 lower-case hex)")
+    return digest
 
 
 def digest_of_docker_path(name: str) -> str | None:
