@@ -149,8 +149,7 @@ def _repeated_layer(node: Platform) -> bytes:
             "schemaVersion": 2,
             "mediaType": layout.OCI_MANIFEST,
             "config": {"mediaType": layout.OCI_CONFIG, "digest": c, "size": len(config)},
-            "layers": [{"mediaType": layout.OCI_LAYER, "digest": ld, "size": len(layer)}]
-            * 10_000,
+            "layers": [{"mediaType": layout.OCI_LAYER, "digest": ld, "size": len(layer)}] * 10_000,
         }
     )
     m = layout.sha256(manifest)
@@ -183,7 +182,10 @@ def _zstd_long(data: bytes, window_log: int) -> bytes:
     import subprocess
 
     return subprocess.run(
-        ["zstd", "-q", "-c", f"--long={window_log}", "-"], input=data, capture_output=True, check=True
+        ["zstd", "-q", "-c", f"--long={window_log}", "-"],
+        input=data,
+        capture_output=True,
+        check=True,
     ).stdout
 
 
@@ -379,7 +381,10 @@ def test_memory_budget_decides_the_zstd_window(
     small = cli("import", "--memory-budget", "112Mi", str(path))
     assert small.code == 1, small
     (line,) = small.err.strip().splitlines()
-    assert "zstd window of 128 MiB (--long=27) exceeds the 16 MiB allowed by --memory-budget 112 MiB" in line
+    assert (
+        "zstd window of 128 MiB (--long=27) exceeds the 16 MiB allowed by --memory-budget 112 MiB"
+        in line
+    )
     assert "IMAGE_AGENT_MEMORY_BUDGET" in line
     assert_nothing_imported(client)
     ok = cli("import", str(path))

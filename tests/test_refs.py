@@ -86,9 +86,15 @@ DISTRIBUTION_CASES: list[tuple[str, str | None]] = [
     ("aa/asdf$$^/aa", None),
     ("sub-dom1.foo.com/bar/baz/quux", "sub-dom1.foo.com/bar/baz/quux:latest"),
     ("sub-dom1.foo.com/bar/baz/quux:some-long-tag", "sub-dom1.foo.com/bar/baz/quux:some-long-tag"),
-    ("b.gcr.io/test.example.com/my-app:test.example.com", "b.gcr.io/test.example.com/my-app:test.example.com"),
+    (
+        "b.gcr.io/test.example.com/my-app:test.example.com",
+        "b.gcr.io/test.example.com/my-app:test.example.com",
+    ),
     ("xn--n3h.com/myimage:xn--n3h.com", "xn--n3h.com/myimage:xn--n3h.com"),
-    (f"xn--7o8h.com/myimage:xn--7o8h.com@sha512:{F128}", f"xn--7o8h.com/myimage:xn--7o8h.com@sha512:{F128}"),
+    (
+        f"xn--7o8h.com/myimage:xn--7o8h.com@sha512:{F128}",
+        f"xn--7o8h.com/myimage:xn--7o8h.com@sha512:{F128}",
+    ),
     ("foo_bar.com:8080", "docker.io/library/foo_bar.com:8080"),
     ("foo/foo_bar.com:8080", "docker.io/foo/foo_bar.com:8080"),
     ("192.168.1.1", "docker.io/library/192.168.1.1:latest"),
