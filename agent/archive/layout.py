@@ -183,6 +183,8 @@ def document_kind(media_type: str, data: bytes, what: str) -> str:
     doc = load_json(data, what)
     if isinstance(doc, dict):
         inner = doc.get("mediaType")
+        if inner is not None and not isinstance(inner, str):
+            raise ArchiveError(f"{what}: mediaType is not a string")
         if inner in INDEX_TYPES or (inner is None and "manifests" in doc):
             return "index"
         if inner in MANIFEST_TYPES or (inner is None and "layers" in doc and "config" in doc):
@@ -199,7 +201,9 @@ def parse_manifest(data: bytes, what: str) -> Manifest:
     config = _descriptor(doc.get("config"), f"{what} config")
     layers = tuple(_descriptor(item, f"{what} layers[{i}]") for i, item in enumerate(doc["layers"]))
     media_type = doc.get("mediaType") or OCI_MANIFEST
-    return Manifest(str(media_type), config, layers)
+    if not isinstance(media_type, str):
+        raise ArchiveError(f"{what}: mediaType is not a string")
+    return Manifest(media_type, config, layers)
 
 
 def parse_config(data: bytes, what: str) -> ImageConfig:
