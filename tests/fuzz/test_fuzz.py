@@ -21,7 +21,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.slow
 
 # Seconds per target in the suite: six targets stay under two minutes.
-SECONDS = int(os.environ.get("IMAGE_AGENT_FUZZ_SECONDS", "12"))
+SECONDS = int(os.environ.get("IMAGE_AGENT_FUZZ_SECONDS", "10"))
 TARGETS = ["archive", "layout", "bundle-manifest", "pull-list", "reference", "cluster-report"]
 
 
