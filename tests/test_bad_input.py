@@ -407,3 +407,22 @@ def test_memory_budget_too_small_is_a_usage_error(cli, tmp_path: Path) -> None:
     result = cli("import", "--memory-budget", "64Mi", str(tmp_path / "x.tar"))
     assert result.code == 2, result
     assert "--memory-budget 64 MiB is below" in result.err
+
+
+def test_daemon_marks_a_long31_archive_failed_once(
+    daemon, client: Containerd, node: Platform
+) -> None:
+    """The daemon fails a --long=31 archive with the window named, tries it once, and goes on with the next archive."""
+    d = daemon()
+    d.start()
+    bad = d.images / "a-long31.tar.zst"
+    bad.write_bytes(_zstd_long(_good(node), 31))
+    record = d.wait_state(bad, "failed")
+    assert "zstd window of 2 GiB" in str(record), record
+    good = d.images / "b-good.tar"
+    good.write_bytes(_good(node))
+    d.wait_state(good, "imported")
+    started = [e for e in d.named("import.started") if e.get("file") == str(bad)]
+    assert len(started) == 1, started
+    (failed,) = [e for e in d.named("import.failed") if e.get("file") == str(bad)]
+    assert "--memory-budget" in failed["error"]
