@@ -205,3 +205,18 @@ def test_zstd_window_from_budget() -> None:
     assert limits.Limits().zstd_window == 128 << 20
     assert limits.Limits(memory_budget=112 << 20).zstd_window == 16 << 20
     assert limits.Limits(memory_budget=1 << 30).zstd_window == 512 << 20
+
+
+@pytest.mark.parametrize("size_field", [b"0o10000000\0", b"1_000_000\0", b" +4000000\0"])
+def test_header_guard_reads_sizes_as_tarfile_does(size_field: bytes) -> None:
+    """A pax header whose size is written in a form int() accepts (0o…, 1_0, +n) is still bounded."""
+    import tarfile
+
+    info = tarfile.TarInfo("p")
+    info.type = tarfile.XHDTYPE
+    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    header[124:136] = size_field.ljust(12, b"\0")
+    header[148:156] = b"        "
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    with pytest.raises(ArchiveError, match="extended header of"):
+        list(walk(io.BytesIO(bytes(header) + b"1 " * 100_000)))

@@ -116,16 +116,21 @@ class _Guarded:
 
 
 def _number(field: bytes) -> int | None:
-    """A numeric header field as tarfile reads it (octal, or base-256); None if invalid."""
+    """A numeric header field exactly as tarfile reads it (base-256, or octal text); None
+    where tarfile finds it invalid (and stops reading the archive).
+
+    Exactly, quirks included (``int()`` takes ``0o17``, ``1_0``, signs and
+    white space): a field the guard read differently from tarfile would let a
+    header through unchecked.
+    """
     if field[0] in (0o200, 0o377):
         n = int.from_bytes(field[1:], "big")
         return n - 256 ** (len(field) - 1) if field[0] == 0o377 else n
-    text = field.split(b"\0", 1)[0].strip()
-    if not text:
-        return 0
-    if not all(48 <= c <= 55 for c in text):
+    try:
+        text = field.split(b"\0", 1)[0].decode("ascii")
+        return int(text.strip() or "0", 8)
+    except ValueError:  # UnicodeDecodeError is one
         return None
-    return int(text, 8)
 
 
 def _checksum_ok(block: bytes) -> bool:
