@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST[:PORT]",
-        help="registry to reach over plain HTTP (localhost is by default)",
+        help="registry to reach over plain HTTP, without credentials (loopback: always)",
     )
 
     verify = sub.add_parser("verify", help="check an archive without importing it")

@@ -103,7 +103,7 @@ def _deep_config(node: Platform) -> bytes:
     c = layout.sha256(config)
     out = []
     for name, data in entries.items():
-        if data.startswith(b"{") and b'"layers"' in data:
+        if data.startswith(b"{") and isinstance(json.loads(data).get("layers"), list):
             doc = json.loads(data)
             doc["config"] = {"mediaType": layout.OCI_CONFIG, "digest": c, "size": len(config)}
             data = layout.dump_json(doc)
@@ -426,3 +426,26 @@ def test_daemon_marks_a_long31_archive_failed_once(
     assert len(started) == 1, started
     (failed,) = [e for e in d.named("import.failed") if e.get("file") == str(bad)]
     assert "--memory-budget" in failed["error"]
+
+
+@pytest.mark.parametrize(
+    "case", ["pax-bomb", "deep-index-json", "deep-config", "zstd-long31", "repeated-layer"]
+)
+def test_verify_refuses_hostile_archives_in_one_line(
+    case: str, cli, node: Platform, tmp_path: Path
+) -> None:
+    """verify gives the same one-line reason as import for the hostile archives, quickly, no traceback."""
+    import time
+
+    make, reason = CASES[case]
+    path = tmp_path / f"{case}.tar"
+    path.write_bytes(make(node))
+    start = time.monotonic()
+    result = cli("verify", str(path))
+    assert time.monotonic() - start < 10
+    assert result.code == 1, result
+    assert "Traceback" not in result.err
+    (line,) = result.err.strip().splitlines()
+    import re
+
+    assert str(path) in line and re.search(reason, line), line
