@@ -149,7 +149,9 @@ def _written(members: list[tuple[str, bytes, str]], fmt: int) -> bytes:
     return buf.getvalue()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     members=st.lists(_MEMBER, min_size=1, max_size=8, unique_by=lambda m: m[0]),
     fmt=st.sampled_from([0, 1, 2]),
