@@ -24,7 +24,7 @@ from pathlib import Path
 import zstandard
 
 from agent import __version__, refs
-from agent.archive import layout
+from agent.archive import layout, limits
 from agent.errors import AgentError
 from agent.importer import BUNDLE_CONTENTS
 from agent.platforms import Platform
@@ -70,6 +70,7 @@ def plan(client: RegistryClient, wanted: list[str], platforms: tuple[Platform, .
     out = Plan()
     for text in wanted:
         ref = refs.parse(text)
+        limits.begin_archive()  # each image's indexes are counted on their own
         top = client.manifest(ref)
         kind = layout.document_kind(top.media_type, top.data, str(ref))
         media_type = top.media_type or (

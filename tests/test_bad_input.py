@@ -449,3 +449,62 @@ def test_verify_refuses_hostile_archives_in_one_line(
     import re
 
     assert str(path) in line and re.search(reason, line), line
+
+
+def _index_fan_out(node: Platform, n: int = 200) -> bytes:
+    """index.json -> an index of n entries all naming one index of n entries: n*n manifests from two blobs."""
+    from agent.archive import layout
+
+    entries = dict(_entries(_good(node)))
+    top = json.loads(entries.pop("index.json"))["manifests"][0]
+    top.pop("annotations", None)
+    leaf = layout.dump_json(
+        {"schemaVersion": 2, "mediaType": layout.OCI_INDEX, "manifests": [top] * n}
+    )
+    ld = layout.sha256(leaf)
+    child = {"mediaType": layout.OCI_INDEX, "digest": ld, "size": len(leaf)}
+    mid = layout.dump_json(
+        {"schemaVersion": 2, "mediaType": layout.OCI_INDEX, "manifests": [child] * n}
+    )
+    md = layout.sha256(mid)
+    index = layout.dump_json(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": layout.OCI_INDEX,
+                    "digest": md,
+                    "size": len(mid),
+                    "annotations": {layout.ANNOTATION_IMAGE_NAME: "fan:1"},
+                }
+            ],
+        }
+    )
+    return samples.archive_bytes(
+        [
+            *entries.items(),
+            (f"blobs/sha256/{ld[7:]}", leaf),
+            (f"blobs/sha256/{md[7:]}", mid),
+            ("index.json", index),
+        ]
+    )
+
+
+def test_index_fan_out_is_bounded(node: Platform, tmp_path: Path) -> None:
+    """Indexes that all name the same next index (n*n entries from 2 blobs) stop at the entry limit, not after n*n visits."""
+    import time
+
+    from agent.archive import limits
+    from agent.errors import ArchiveError
+    from agent.verify import verify
+
+    path = tmp_path / "fan.tar"
+    path.write_bytes(_index_fan_out(node, 300))  # 90,000 manifests reached without the limit
+    previous = limits.configure(limits.Limits(max_index_entries=2000))
+    try:
+        start = time.monotonic()
+        with pytest.raises(ArchiveError, match="more than 2000 entries in all"):
+            verify(str(path))
+        assert time.monotonic() - start < 3
+    finally:
+        limits.configure(previous)

@@ -171,6 +171,7 @@ def parse_index(data: bytes, what: str = OCI_INDEX_FILE) -> tuple[Descriptor, ..
         raise ArchiveError(f"{what} has no manifests list")
     bound = limits.current().max_manifests
     _check_count(len(doc["manifests"]), bound, what, "manifests", "max_manifests")
+    limits.count_index_entries(len(doc["manifests"]), what)
     return tuple(_descriptor(m, f"{what} manifests[{i}]") for i, m in enumerate(doc["manifests"]))
 
 

@@ -307,6 +307,7 @@ def walk(raw: BinaryIO) -> Iterator[tuple[Member, Reader | None]]:
     :class:`ArchiveError` with a readable reason.
     """
     compression = Compression.NONE
+    limits.begin_archive()
     try:
         compression, stream = open_stream(raw)
         guard = HeaderGuard(stream, limits.current())
