@@ -503,8 +503,26 @@ def test_index_fan_out_is_bounded(node: Platform, tmp_path: Path) -> None:
     previous = limits.configure(limits.Limits(max_index_entries=2000))
     try:
         start = time.monotonic()
-        with pytest.raises(ArchiveError, match="more than 2000 entries in all"):
+        with pytest.raises(ArchiveError, match="more than 2000 index entries in all"):
             verify(str(path))
         assert time.monotonic() - start < 3
     finally:
         limits.configure(previous)
+
+
+def test_docker_manifest_layer_total_is_bounded(cli, client: Containerd, tmp_path: Path) -> None:
+    """400 images of 500 layers each in manifest.json (200,000 layer entries, under 4 MiB) are refused by the total."""
+    import time
+
+    layers = [f"{i:03x}.tar" for i in range(500)]
+    entry = {"Config": "c.json", "RepoTags": [], "Layers": layers}
+    doc = json.dumps([entry] * 400, separators=(",", ":")).encode()
+    assert len(doc) < 4 << 20
+    path = tmp_path / "many-layers.tar"
+    path.write_bytes(samples.archive_bytes([("manifest.json", doc)]))
+    start = time.monotonic()
+    result = cli("import", str(path))
+    assert time.monotonic() - start < 10
+    assert result.code == 1, result
+    assert "more than 100000 layer entries in all" in result.err
+    assert_nothing_imported(client)

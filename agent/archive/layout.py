@@ -199,6 +199,7 @@ def parse_manifest(data: bytes, what: str) -> Manifest:
         raise ArchiveError(f"{what} is not an image manifest")
     bound = limits.current().max_layers
     _check_count(len(doc["layers"]), bound, what, "layers", "max_layers")
+    limits.count_layer_entries(len(doc["layers"]), what)
     config = _descriptor(doc.get("config"), f"{what} config")
     layers = tuple(_descriptor(item, f"{what} layers[{i}]") for i, item in enumerate(doc["layers"]))
     media_type = doc.get("mediaType") or OCI_MANIFEST
@@ -239,6 +240,7 @@ def parse_docker_manifest(data: bytes) -> tuple[DockerEntry, ...]:
         if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
             raise ArchiveError(f"{where} has no Layers list")
         _check_count(len(layers), limits.current().max_layers, where, "layers", "max_layers")
+        limits.count_layer_entries(len(layers), where)
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ArchiveError(f"{where} has invalid RepoTags")
         entries.append(

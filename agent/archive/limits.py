@@ -55,6 +55,9 @@ class Limits:
     # index multiply: 1,000 x 1,000 x 1,000 entries from three small blobs.
     # 500 images of 20 platforms and attestations each need 10,500.
     max_index_entries: int = 12_000
+    # Layer entries read for one archive, counted per manifest reached (so
+    # the same way): 500 images x 10 platforms x 10 layers need 50,000.
+    max_layer_entries: int = 100_000
 
     @property
     def zstd_window(self) -> int:
@@ -96,18 +99,27 @@ def configure(limits: Limits) -> Limits:
 
 def begin_archive() -> None:
     """Start the per-archive counts of this thread (the tar walk calls it for each archive)."""
-    _archive.index_entries = 0
+    _archive.counts = {}
 
 
 def count_index_entries(n: int, what: str) -> None:
     """Add ``n`` index entries read for the current archive; ArchiveError past the limit."""
-    total = getattr(_archive, "index_entries", 0) + n
-    _archive.index_entries = total
-    bound = _current.max_index_entries
+    _count("index", n, _current.max_index_entries, what, "max_index_entries")
+
+
+def count_layer_entries(n: int, what: str) -> None:
+    """Add ``n`` layer entries read for the current archive; ArchiveError past the limit."""
+    _count("layer", n, _current.max_layer_entries, what, "max_layer_entries")
+
+
+def _count(kind: str, n: int, bound: int, what: str, setting: str) -> None:
+    counts: dict[str, int] = getattr(_archive, "counts", None) or {}
+    _archive.counts = counts
+    counts[kind] = total = counts.get(kind, 0) + n
     if total > bound:
         raise ArchiveError(
-            f"{what}: the archive's indexes list more than {bound} entries in all, "
-            "counting each time an index is reached (limit max_index_entries)"
+            f"{what}: the archive lists more than {bound} {kind} entries in all, "
+            f"counting each time a document is reached (limit {setting})"
         )
 
 
