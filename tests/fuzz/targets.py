@@ -39,6 +39,8 @@ def archive(data: bytes) -> None:
         verify(_SCRATCH)
     except ArchiveError as err:
         _one_line(str(err))
+    finally:
+        os.unlink(_SCRATCH)  # libFuzzer ends the process without running atexit
 
 
 def layout_docs(data: bytes) -> None:
