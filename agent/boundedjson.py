@@ -9,6 +9,7 @@ parsing, and turns every failure into one :class:`JSONLimitError` line.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from typing import Any
@@ -17,10 +18,14 @@ from typing import Any
 # about 5 deep; Che devfiles and node reports less than 20.
 MAX_DEPTH = 64
 
-# A JSON string (with escapes) or one bracket: strings are skipped so that
-# brackets inside them do not count.
-_TOKENS = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
-_OPEN = frozenset(b"[{")
+# A JSON string (with escapes). The possessive body and the end-of-data
+# alternative make an unterminated string match to the end instead of failing
+# and being tried again at every later quote (which took quadratic time).
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+(?:"|\\?\Z)', re.DOTALL)
+# Every byte but the four brackets, deleted before counting.
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+# Opening brackets count +1, closing ones -1 (255 read as a signed byte).
+_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
 class JSONLimitError(ValueError):
@@ -28,16 +33,16 @@ class JSONLimitError(ValueError):
 
 
 def depth(data: bytes) -> int:
-    """The deepest nesting of arrays and objects in ``data`` (0 for a scalar)."""
-    deepest = level = 0
-    for match in _TOKENS.finditer(data):
-        first = data[match.start()]
-        if first in _OPEN:
-            level += 1
-            deepest = max(deepest, level)
-        elif first != ord('"'):
-            level -= 1
-    return deepest
+    """The deepest nesting of arrays and objects in ``data`` (0 for a scalar).
+
+    Linear time, in C loops: strings are cut out (brackets inside them do not
+    count), the brackets that remain become +1 / -1 steps, and the running sum
+    peaks at the depth.
+    """
+    steps = _STRING.sub(b"", data).translate(_STEPS, _NOT_BRACKETS)
+    if not steps:
+        return 0
+    return max(0, max(itertools.accumulate(memoryview(steps).cast("b"))))
 
 
 def loads(data: bytes | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:

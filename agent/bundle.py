@@ -24,7 +24,7 @@ from pathlib import Path
 import zstandard
 
 from agent import __version__, refs
-from agent.archive import layout
+from agent.archive import layout, limits
 from agent.errors import AgentError
 from agent.importer import BUNDLE_CONTENTS
 from agent.platforms import Platform
@@ -70,6 +70,7 @@ def plan(client: RegistryClient, wanted: list[str], platforms: tuple[Platform, .
     out = Plan()
     for text in wanted:
         ref = refs.parse(text)
+        limits.begin_archive()  # each image's indexes are counted on their own
         top = client.manifest(ref)
         kind = layout.document_kind(top.media_type, top.data, str(ref))
         media_type = top.media_type or (
@@ -104,7 +105,7 @@ def _add_manifest(
     image: BundledImage,
 ) -> bool:
     manifest = layout.parse_manifest(data, f"{ref}@{digest}")
-    config_data = b"".join(client.blob(ref, manifest.config.digest))
+    config_data = _small_blob(client, ref, manifest.config)
     if layout.sha256(config_data) != manifest.config.digest:
         raise RegistryError(f"{ref}: config does not match its digest {manifest.config.digest}")
     config = layout.parse_config(config_data, f"{ref} config")
@@ -115,6 +116,20 @@ def _add_manifest(
         out.layers.setdefault(layer.digest, (ref, layer.size))
     image.platforms.append(str(config.platform or "any"))
     return True
+
+
+def _small_blob(client: RegistryClient, ref: refs.Reference, desc: layout.Descriptor) -> bytes:
+    """A config blob, read no further than its declared size (and the metadata limit)."""
+    if desc.size > layout.MAX_JSON:
+        raise RegistryError(
+            f"{ref}: config {desc.digest} is larger than {layout.MAX_JSON >> 20} MiB"
+        )
+    data = bytearray()
+    for chunk in client.blob(ref, desc.digest):
+        data += chunk
+        if len(data) > desc.size:
+            raise RegistryError(f"{ref}: {desc.digest} is larger than its {desc.size} bytes")
+    return bytes(data)
 
 
 def contents(p: Plan, platforms: tuple[Platform, ...]) -> bytes:
@@ -191,9 +206,26 @@ class _VerifiedBlob(io.RawIOBase):
         self.hash.update(data)
         self.on_bytes(len(data))
         if self.offset == self.size:
-            # tarfile stops reading at the size: check the digest with the last byte.
+            # tarfile stops reading at the size: check the digest with the last
+            # byte, and that the registry sends nothing past it.
             self._check_complete()
+            self._check_no_more()
         return data
+
+    def _check_no_more(self) -> None:
+        """A registry that sends bytes past the declared size serves something else."""
+        extra = len(self._buf)
+        if not extra:
+            try:
+                chunk = next(self._chunks, None)
+            except RegistryError:
+                chunk = None  # the connection broke after every byte arrived: nothing extra
+            extra = len(chunk or b"")
+        if extra:
+            raise RegistryError(
+                f"{self.ref}: {self.digest} is larger than its {self.size} bytes "
+                "(the registry sent more)"
+            )
 
     def _next_chunk(self) -> bytes | None:
         """The next piece from the registry, resuming from what was received if it broke."""

@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="name OCI images tagged only with a bare tag (e.g. umoci's) as REPO:TAG",
     )
     config.add_arguments(imp, config.ContainerdConfig)
+    config.add_arguments(imp, config.ArchiveConfig)
 
     images = sub.add_parser("images", help="list images as the kubelet sees them (CRI)")
     images.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(run, config.ClusterAgentConfig)
     config.add_arguments(run, config.ContainerdConfig)
     config.add_arguments(run, config.LogConfig)
+    config.add_arguments(run, config.ArchiveConfig)
 
     status = sub.add_parser("status", help="the daemon's health and every archive's state")
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -113,12 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="HOST[:PORT]",
-        help="registry to reach over plain HTTP (localhost is by default)",
+        help="registry to reach over plain HTTP, without credentials (loopback: always)",
     )
 
     verify = sub.add_parser("verify", help="check an archive without importing it")
     verify.add_argument("files", nargs="+", metavar="FILE")
     verify.add_argument("-o", "--output", choices=("text", "json"), default="text")
+    config.add_arguments(verify, config.ArchiveConfig)
 
     cluster = sub.add_parser("cluster", help="the cluster component: one list for every node")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
@@ -227,6 +230,21 @@ def _install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def _apply_limits(args: argparse.Namespace) -> None:
+    """Put the archive bounds of --memory-budget and friends in force for this process."""
+    from agent.archive import limits
+
+    acfg = config.resolve(config.ArchiveConfig, args)
+    limits.configure(
+        limits.Limits(
+            memory_budget=acfg.memory_budget,
+            max_members=acfg.max_members,
+            max_manifests=acfg.max_manifests,
+            max_layers=acfg.max_layers,
+        )
+    )
+
+
 def _client(args: argparse.Namespace) -> tuple[Containerd, config.ContainerdConfig]:
     cfg = config.resolve(config.ContainerdConfig, args)
     client = Containerd(cfg.address or default_address(), cfg.namespace, timeout=cfg.timeout_s)
@@ -251,6 +269,7 @@ def _import_options(args: argparse.Namespace, cfg: config.ContainerdConfig) -> I
 
 
 def cmd_import(args: argparse.Namespace, stop: threading.Event) -> int:
+    _apply_limits(args)
     client, cfg = _client(args)
     with client:
         options = _import_options(args, cfg)  # usage errors before any connection
@@ -415,6 +434,7 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
     from agent.daemon.service import OWNER, OWNER_LABEL, Daemon, Settings
     from agent.daemon.state import Store
 
+    _apply_limits(args)
     dcfg = config.resolve(config.DaemonConfig, args)
     lcfg = config.resolve(config.LogConfig, args)
     logs.configure(lcfg.level, stream=sys.stdout)
@@ -617,6 +637,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from agent.verify import verify
 
+    _apply_limits(args)
     failed = 0
     reports = []
     for path in args.files:

@@ -172,6 +172,38 @@ class ClusterAgentConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArchiveConfig:
+    """Bounds on untrusted archives (see agent.archive.limits for the reasons)."""
+
+    memory_budget: int = setting(
+        224 << 20,
+        flag="--memory-budget",
+        env="IMAGE_AGENT_MEMORY_BUDGET",
+        unit="bytes",
+        help="memory the agent plans for; what is left after 96Mi is the largest zstd "
+        "window accepted (e.g. 224Mi allows --long=27 archives; 1Gi allows --long=29)",
+    )
+    max_members: int = setting(
+        100_000,
+        flag="--max-archive-members",
+        env="IMAGE_AGENT_MAX_ARCHIVE_MEMBERS",
+        help="tar headers in one archive",
+    )
+    max_manifests: int = setting(
+        1000,
+        flag="--max-archive-images",
+        env="IMAGE_AGENT_MAX_ARCHIVE_IMAGES",
+        help="images in one manifest.json, or manifests in one index",
+    )
+    max_layers: int = setting(
+        500,
+        flag="--max-image-layers",
+        env="IMAGE_AGENT_MAX_IMAGE_LAYERS",
+        help="layers of one image (overlayfs stacks at most 500)",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: str = setting(
         "info", flag="--log-level", env="IMAGE_AGENT_LOG_LEVEL", help="debug, info, warning, error"
@@ -244,4 +276,29 @@ def _convert(raw: Any, kind: type[Any], unit: str) -> Any:
         raise ValueError(raw)
     if kind is float and unit == "s":
         return parse_duration(str(raw))
+    if kind is int and unit == "bytes":
+        return parse_size(str(raw))
     return kind(raw)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "k": 1000,
+    "m": 1000**2,
+    "g": 1000**3,
+    "ki": 1 << 10,
+    "mi": 1 << 20,
+    "gi": 1 << 30,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``268435456``, ``256Mi``, ``256MiB``, ``1Gi`` (Kubernetes quantities too)."""
+    match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in _SIZE_UNITS:
+        raise ValueError(f"invalid size {text!r}")
+    return int(match.group(1)) * _SIZE_UNITS[unit]

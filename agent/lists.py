@@ -20,6 +20,12 @@ from dataclasses import dataclass
 
 from agent import refs
 
+# A list larger than this is refused whole: 4 MiB is about 40,000 references,
+# ten times the longest list seen (Che's merged external_images.txt).
+MAX_LIST_BYTES = 4 << 20
+# A line longer than this cannot hold a reference (at most 255 + tag + digest).
+MAX_LINE = 4096
+
 _RELATED = re.compile(r"^(?:export\s+)?RELATED_IMAGE_([A-Za-z0-9_]+)\s*=\s*(.*)$")
 _IMAGES_PREFIX = re.compile(r"^(?:export\s+)?IMAGES\s*=\s*")
 
@@ -57,9 +63,16 @@ def _unquote(text: str) -> str:
 
 
 def parse(text: str, source: str) -> tuple[list[Entry], list[Problem]]:
-    """The entries and problems of one list document."""
+    """The entries and problems of one list document.
+
+    A document over :data:`MAX_LIST_BYTES` gives one problem and no entries;
+    time is linear in its size.
+    """
     entries: list[Entry] = []
     problems: list[Problem] = []
+    if len(text) > MAX_LIST_BYTES:
+        reason = f"list is larger than {MAX_LIST_BYTES >> 20} MiB"
+        return entries, [Problem(source, 0, "", reason)]
 
     def add(raw: str, lineno: int, name: str = "") -> None:
         candidate = _unquote(raw)
@@ -71,6 +84,9 @@ def parse(text: str, source: str) -> tuple[list[Entry], list[Problem]]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
+            continue
+        if len(stripped) > MAX_LINE:
+            problems.append(Problem(source, lineno, stripped[:80], f"line over {MAX_LINE} bytes"))
             continue
         related = _RELATED.match(stripped)
         if related:

@@ -15,17 +15,21 @@ DEFAULT_DOMAIN = "docker.io"
 LEGACY_DOMAINS = frozenset({"index.docker.io", "registry-1.docker.io"})
 MAX_NAME_LENGTH = 255
 
+# Every pattern is ASCII-only and matched whole (fullmatch, the same as
+# anchoring with \A ... \Z): ``$`` would also match before a final newline.
 _DOMAIN_LABEL = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = rf"(?:{_DOMAIN_LABEL}(?:\.{_DOMAIN_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
 _PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
-_TAG = r"[\w][\w.-]{0,127}"
+_TAG = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 
-_DOMAIN_RE = re.compile(rf"^{_DOMAIN}$")
-_PATH_RE = re.compile(rf"^{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*$")
-_TAG_RE = re.compile(rf"^{_TAG}$")
-_DIGEST_RE = re.compile(rf"^{_DIGEST}$")
-_SHA256_RE = re.compile(r"^sha256:[0-9a-f]{64}$")
+_DOMAIN_RE = re.compile(_DOMAIN, re.ASCII)
+_PATH_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*", re.ASCII)
+_TAG_RE = re.compile(_TAG, re.ASCII)
+_DIGEST_RE = re.compile(_DIGEST, re.ASCII)
+_SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}", re.ASCII)
+# The algorithms a reference's digest may use, with their hex lengths.
+DIGEST_ALGORITHMS = {"sha256": 64, "sha512": 128}
 
 
 class InvalidReference(ValueError):
@@ -65,29 +69,39 @@ class Reference:
 
 
 def is_digest(text: str) -> bool:
-    """True for a well-formed ``sha256:<64 hex>`` digest."""
-    return bool(_SHA256_RE.match(text))
+    """True for a well-formed ``sha256:<64 hex>`` digest (nothing before or after)."""
+    return bool(_SHA256_RE.fullmatch(text))
 
 
 def parse(text: str, *, default_tag: bool = True) -> Reference:
     """Parse and normalize ``text``; raise :class:`InvalidReference` if it is not one.
 
     With ``default_tag``, a reference without tag or digest gets ``latest``.
+    References are ASCII; white space anywhere (a trailing newline too) is
+    refused rather than stripped.
     """
-    raw = text.strip()
+    raw = text
     if not raw:
         raise InvalidReference("empty reference")
     if len(raw) > MAX_NAME_LENGTH + 150:
         raise InvalidReference("reference is too long")
     if any(c.isspace() for c in raw):
         raise InvalidReference(f"{raw!r} contains white space")
+    if not raw.isascii():
+        raise InvalidReference(f"{raw!r} contains characters that are not ASCII")
 
     remainder, _, digest = raw.partition("@")
     if digest:
-        if not _DIGEST_RE.match(digest):
+        if not _DIGEST_RE.fullmatch(digest):
             raise InvalidReference(f"{raw!r}: invalid digest {digest!r}")
-        if digest.startswith("sha256:") and not _SHA256_RE.match(digest):
-            raise InvalidReference(f"{raw!r}: a sha256 digest has 64 lower-case hex digits")
+        algorithm, _, hexd = digest.partition(":")
+        length = DIGEST_ALGORITHMS.get(algorithm)
+        if length is None:
+            raise InvalidReference(f"{raw!r}: unsupported digest algorithm {algorithm!r}")
+        if len(hexd) != length or hexd.lower() != hexd:
+            raise InvalidReference(
+                f"{raw!r}: a {algorithm} digest has {length} lower-case hex digits"
+            )
 
     tag: str | None = None
     # A tag follows the last ':' that comes after the last '/' (a ':' before
@@ -96,15 +110,15 @@ def parse(text: str, *, default_tag: bool = True) -> Reference:
     colon = remainder.rfind(":")
     if colon > last_slash:
         remainder, tag = remainder[:colon], remainder[colon + 1 :]
-        if not _TAG_RE.match(tag):
+        if not _TAG_RE.fullmatch(tag):
             raise InvalidReference(
                 f"{raw!r}: invalid tag {tag!r} (letters, digits, '_', '.', '-', at most 128)"
             )
 
     domain, path = _split_domain(remainder)
-    if not _DOMAIN_RE.match(domain):
+    if not _DOMAIN_RE.fullmatch(domain):
         raise InvalidReference(f"{raw!r}: invalid registry {domain!r}")
-    if not path or not _PATH_RE.match(path):
+    if not path or not _PATH_RE.fullmatch(path):
         if path and path.lower() != path:
             raise InvalidReference(f"{raw!r}: repository names must be lower case")
         raise InvalidReference(f"{raw!r}: invalid repository name {path!r}")

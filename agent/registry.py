@@ -5,21 +5,30 @@ fetched straight from registries: containerd's CRI only pulls the node's
 own platform. Handles anonymous, basic and bearer-token auth, follows blob
 redirects without leaking credentials to the storage host, and resumes
 interrupted blob downloads with HTTP ranges.
+
+Bearer tokens are kept until the ``expires_in`` their server stated (60 s
+when it states none) and fetched again before that, or at once when the
+registry answers 401 to one. Registries are reached over HTTPS, except
+loopback ones (127.0.0.0/8, ::1 and the exact name ``localhost``) and hosts
+named with ``--plain-http``; credentials and tokens never go over plain HTTP
+to a host that is not loopback.
 """
 
 from __future__ import annotations
 
 import base64
 import http.client
-import json
+import ipaddress
 import re
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.client import HTTPResponse
 
+from agent import boundedjson
 from agent.archive import layout
 from agent.errors import AgentError
 from agent.pull import auth
@@ -30,6 +39,34 @@ MANIFEST_ACCEPT = ", ".join(
 )
 DOCKER_HUB_API = "registry-1.docker.io"
 MAX_MANIFEST = layout.MAX_JSON
+# A token answer larger than this is refused.
+MAX_TOKEN_DOC = 1 << 20
+# Lifetime of a token whose server states none (the distribution token spec's default).
+DEFAULT_TOKEN_LIFETIME_S = 60.0
+# Tokens are fetched again this long before they expire, so none expires in flight.
+TOKEN_MARGIN_S = 10.0
+
+
+def split_host(host: str) -> str:
+    """The host name or address of ``host[:port]`` (``[::1]:5000`` -> ``::1``)."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and the exact name ``localhost`` (with any port).
+
+    Names that merely start like them (``localhost.corp.com``, ``127.example``)
+    are other hosts.
+    """
+    name = split_host(host).lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 class RegistryError(AgentError):
@@ -59,29 +96,56 @@ class RegistryClient:
         *,
         plain_http: frozenset[str] = frozenset(),
         timeout: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.credentials = credentials or {}
         self.plain_http = plain_http
         self.timeout = timeout
-        self._tokens: dict[tuple[str, str], str] = {}
+        self.clock = clock
+        # (host, scope) -> (token, monotonic time it is to be renewed at)
+        self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
+        self._basic_hosts: set[str] = set()
         self._opener = urllib.request.build_opener(_NoRedirect)
+
+    def _plain(self, host: str) -> bool:
+        return host in self.plain_http or is_loopback(host)
 
     def _base(self, host: str) -> str:
         api = DOCKER_HUB_API if host == "docker.io" else host
-        local = host.startswith(("localhost", "127.", "[::1]"))
-        scheme = "http" if host in self.plain_http or local else "https"
-        return f"{scheme}://{api}"
+        return f"{'http' if self._plain(host) else 'https'}://{api}"
+
+    def _secret_ok(self, host: str, url: str) -> None:
+        """Refuse to send credentials to ``url`` over plain HTTP unless it is loopback."""
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme == "http" and not is_loopback(parsed.netloc):
+            raise RegistryError(
+                f"{host}: refusing to send credentials over plain HTTP to {parsed.netloc} "
+                "(only loopback registries get them without HTTPS)"
+            )
+
+    def _token(self, host: str, scope: str) -> str:
+        cached = self._tokens.get((host, scope))
+        if cached is None:
+            return ""
+        token, renew_at = cached
+        if self.clock() >= renew_at:
+            del self._tokens[(host, scope)]  # expired or about to: fetch a new one
+            return ""
+        return token
 
     def _open(self, host: str, path: str, scope: str, headers: dict[str, str]) -> HTTPResponse:
         """GET with auth negotiation and manual redirects."""
         url = self._base(host) + path
+        renewed = False
         for _ in range(3):
             req = urllib.request.Request(url, headers=dict(headers))
-            token = self._tokens.get((host, scope))
+            token = self._token(host, scope)
             creds = self.credentials.get(auth.host_of(host))
             if token:
+                self._secret_ok(host, url)
                 req.add_header("Authorization", f"Bearer {token}")
-            elif creds and self._tokens.get((host, "basic")):
+            elif creds and host in self._basic_hosts:
+                self._secret_ok(host, url)
                 req.add_header("Authorization", self._basic(creds))
             try:
                 resp = self._opener.open(req, timeout=self.timeout)
@@ -89,7 +153,11 @@ class RegistryClient:
             except urllib.error.HTTPError as err:
                 if err.code in (301, 302, 303, 307, 308):
                     return self._follow(err.headers.get("Location", ""), url, headers)
-                if err.code == 401 and self._authenticate(host, scope, err.headers, creds):
+                if err.code == 401 and token and not renewed:
+                    # Revoked or expired early: one new token, then give up.
+                    self._tokens.pop((host, scope), None)
+                    renewed = True
+                if err.code == 401 and self._authenticate(host, scope, err.headers, creds, url):
                     continue
                 raise self._error(err, url) from None
             except (urllib.error.URLError, OSError) as err:
@@ -119,36 +187,54 @@ class RegistryClient:
         return "Basic " + base64.b64encode(raw).decode()
 
     def _authenticate(
-        self, host: str, scope: str, headers: object, creds: auth.Credentials | None
+        self,
+        host: str,
+        scope: str,
+        headers: object,
+        creds: auth.Credentials | None,
+        url: str,
     ) -> bool:
         challenge = getattr(headers, "get", lambda _k, _d=None: None)("WWW-Authenticate", "") or ""
         if challenge.lower().startswith("basic"):
-            if creds is None or self._tokens.get((host, "basic")):
+            if creds is None or host in self._basic_hosts:
                 return False
-            self._tokens[(host, "basic")] = "1"
+            self._secret_ok(host, url)
+            self._basic_hosts.add(host)
             return True
-        if not challenge.lower().startswith("bearer") or self._tokens.get((host, scope)):
+        if not challenge.lower().startswith("bearer") or (host, scope) in self._tokens:
             return False
-        params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+        params = dict(re.findall(r'(\w+)="([^"]*)"', challenge[:4096]))
         realm = params.pop("realm", "")
-        if not realm:
+        if not realm.startswith(("https://", "http://")):
             return False
         query = {k: v for k, v in params.items() if k in ("service", "scope")}
         query.setdefault("scope", scope)
         req = urllib.request.Request(f"{realm}?{urllib.parse.urlencode(query)}")
         if creds is not None:
+            self._secret_ok(host, realm)
             req.add_header("Authorization", self._basic(creds))
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                doc = json.loads(resp.read(1 << 20))
+                body = resp.read(MAX_TOKEN_DOC + 1)
         except urllib.error.HTTPError as err:
             raise self._error(err, realm) from None
-        except (urllib.error.URLError, OSError, ValueError) as err:
+        except (urllib.error.URLError, OSError) as err:
             raise RegistryError(f"{realm}: token request failed ({err})", retryable=True) from None
+        try:
+            doc = boundedjson.loads(body, what=f"{realm} token", max_bytes=MAX_TOKEN_DOC)
+        except boundedjson.JSONLimitError as err:
+            raise RegistryError(str(err)) from None
+        if not isinstance(doc, dict):
+            raise RegistryError(f"{realm}: token answer is not a JSON object")
         token = doc.get("token") or doc.get("access_token")
-        if not token:
+        if not token or not isinstance(token, str):
             return False
-        self._tokens[(host, scope)] = str(token)
+        lifetime = doc.get("expires_in")
+        if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or lifetime <= 0:
+            lifetime = DEFAULT_TOKEN_LIFETIME_S
+        lifetime = min(float(lifetime), 86400.0)
+        renew_in = lifetime - min(TOKEN_MARGIN_S, lifetime / 2)
+        self._tokens[(host, scope)] = (token, self.clock() + renew_in)
         return True
 
     @staticmethod

@@ -4,6 +4,12 @@ The archive goes through the importer itself, with an in-memory content
 store in place of containerd that only hashes and records, so verify
 checks exactly what import would: the format, every digest and size, that
 each image's blobs are there for the platforms present, and the names.
+
+Before that, one cheap pass over the tar headers checks what import does not
+need to: a name carried twice must carry the same bytes both times (``tar
+-x`` keeps the last copy, the importer the first), and every file under
+``blobs/`` must be named by a valid digest. Only names that occur twice are
+read and hashed, in a second pass.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from agent.archive import layout
+from agent.archive.tarstream import walk
 from agent.containerd.client import Blob
-from agent.errors import ContainerdError, NotFound
+from agent.errors import ArchiveError, ContainerdError, NotFound
 from agent.importer import Importer, ImportOptions, ImportResult, ProgressFn
 
 KEEP_SMALL = layout.MAX_JSON
@@ -96,8 +103,60 @@ class Report:
     platforms: list[str] = field(default_factory=list)
 
 
+def _members(path: str) -> dict[str, list[tuple[str, int]]]:
+    """Every file and link name with the (kind, size) of each of its copies; checks blob names."""
+    seen: dict[str, list[tuple[str, int]]] = {}
+    with open(path, "rb") as f:
+        for member, _ in walk(f):
+            if member.kind == "other":
+                continue  # directories may be listed more than once
+            if member.kind == "file":
+                layout.digest_of_blob_path(member.name)  # raises for a bad blob name
+            seen.setdefault(member.name, []).append((member.kind, member.size))
+    return seen
+
+
+def _hashes_of(path: str, names: set[str]) -> dict[str, set[str]]:
+    """The sha256 of every copy of ``names`` (links hash their target path)."""
+    found: dict[str, set[str]] = {}
+    with open(path, "rb") as f:
+        for member, data in walk(f):
+            if member.name not in names:
+                continue
+            h = hashlib.sha256()
+            if data is None:
+                h.update(f"{member.kind}:{member.link}".encode())
+            else:
+                while chunk := data.read(1 << 20):
+                    h.update(chunk)
+            found.setdefault(member.name, set()).add(h.hexdigest())
+    return found
+
+
+def check_members(path: str) -> None:
+    """Refuse an archive whose duplicate names differ, or whose blob names are not digests."""
+    try:
+        seen = _members(path)
+        twice = {name: copies for name, copies in seen.items() if len(copies) > 1}
+        for name, copies in twice.items():
+            if len(set(copies)) > 1:
+                raise ArchiveError(f"{name} is in the archive {len(copies)} times, not the same")
+        if twice:
+            for name, hashes in _hashes_of(path, set(twice)).items():
+                if len(hashes) > 1:
+                    raise ArchiveError(
+                        f"{name} is in the archive {len(twice[name])} times "
+                        "with different contents (tar -x would keep the last)"
+                    )
+    except ArchiveError as err:
+        raise err.for_file(path) from None
+    except OSError as err:
+        raise ArchiveError(err.strerror or str(err), file=path) from None
+
+
 def verify(path: str, progress: ProgressFn | None = None) -> Report:
     """Check ``path``; raises ArchiveError (naming the file) on the first problem."""
+    check_members(path)
     store = MemoryStore()
     importer = Importer(
         store,  # type: ignore[arg-type]

@@ -58,7 +58,167 @@ def _raw_tar_member(name: str, data: bytes, typ: bytes = tarfile.REGTYPE) -> byt
     return bytes(header) + body + b"\0" * 1024
 
 
+def _header(name: str, size: int, typ: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, typ
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _pax_bomb(node: Platform) -> bytes:
+    """4 KiB of gzip holding a 4 MB pax header of the records that make old tarfile quadratic."""
+    payload = b"2 " * 2_000_000
+    raw = _header("././@PaxHeader", len(payload), tarfile.XHDTYPE) + payload
+    raw += b"\0" * (-len(payload) % 512) + _header("a", 0, tarfile.REGTYPE) + b"\0" * 1024
+    return samples.compress(raw, "gzip")
+
+
+def _gnu_long_name_bomb(node: Platform) -> bytes:
+    """A GNU long-name header claiming 64 MiB (tarfile would read it whole into memory)."""
+    size = 64 << 20
+    raw = _header("././@LongLink", size, tarfile.GNUTYPE_LONGNAME) + b"a" * 4096
+    return samples.compress(raw, "zstd")
+
+
+def _malformed_pax_records(node: Platform) -> bytes:
+    """Pax records whose lengths do not tile the header (the quadratic regex's food)."""
+    payload = b"9 " + b"a" * 3000 + b"\n"
+    raw = _header("p", len(payload), tarfile.XHDTYPE) + payload + b"\0" * (-len(payload) % 512)
+    return raw + _header("a", 0, tarfile.REGTYPE) + b"\0" * 1024
+
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+
+
+def _oci_with(node: Platform, replace: Callable[[str, bytes], bytes]) -> bytes:
+    """The good OCI archive with each member's bytes passed through ``replace``."""
+    return samples.archive_bytes([(n, replace(n, d)) for n, d in _entries(_good(node))])
+
+
+def _deep_config(node: Platform) -> bytes:
+    """A manifest pointing at a config nested 100,000 deep (digest and size correct)."""
+    from agent.archive import layout
+
+    entries = dict(_entries(_good(node)))
+    config = b'{"rootfs":' + DEEP + b"}"
+    c = layout.sha256(config)
+    out = []
+    for name, data in entries.items():
+        if data.startswith(b"{") and isinstance(json.loads(data).get("layers"), list):
+            doc = json.loads(data)
+            doc["config"] = {"mediaType": layout.OCI_CONFIG, "digest": c, "size": len(config)}
+            data = layout.dump_json(doc)
+            m = layout.sha256(data)
+            name = f"blobs/sha256/{m[7:]}"
+            index = {
+                "schemaVersion": 2,
+                "manifests": [
+                    {
+                        "mediaType": layout.OCI_MANIFEST,
+                        "digest": m,
+                        "size": len(data),
+                        "annotations": {layout.ANNOTATION_IMAGE_NAME: "deep:1"},
+                    }
+                ],
+            }
+            out.append(("index.json", layout.dump_json(index)))
+        elif name == "index.json":
+            continue
+        out.append((name, data))
+    out.append((f"blobs/sha256/{c[7:]}", config))
+    return samples.archive_bytes(out)
+
+
+def _many_entries_manifest(node: Platform) -> bytes:
+    """A docker-archive manifest.json of 45,000 images (under the 4 MiB size limit)."""
+    entry = {"Config": "c.json", "RepoTags": ["x:1"], "Layers": ["l.tar"]}
+    doc = json.dumps([entry] * 45_000).encode()
+    assert len(doc) < 4 << 20
+    return samples.archive_bytes([("manifest.json", doc)])
+
+
+def _repeated_layer(node: Platform) -> bytes:
+    """An image that uses the same (real, present) layer 10,000 times."""
+    from agent.archive import layout
+
+    layer = samples.tar_bytes({"f": b"x"})
+    ld = layout.sha256(layer)
+    config = samples.config_bytes(node, [ld] * 10_000)
+    c = layout.sha256(config)
+    manifest = layout.dump_json(
+        {
+            "schemaVersion": 2,
+            "mediaType": layout.OCI_MANIFEST,
+            "config": {"mediaType": layout.OCI_CONFIG, "digest": c, "size": len(config)},
+            "layers": [{"mediaType": layout.OCI_LAYER, "digest": ld, "size": len(layer)}] * 10_000,
+        }
+    )
+    m = layout.sha256(manifest)
+    index = layout.dump_json(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": layout.OCI_MANIFEST,
+                    "digest": m,
+                    "size": len(manifest),
+                    "annotations": {layout.ANNOTATION_IMAGE_NAME: "repeat:1"},
+                }
+            ],
+        }
+    )
+    return samples.archive_bytes(
+        [
+            (f"blobs/sha256/{ld[7:]}", layer),
+            (f"blobs/sha256/{c[7:]}", config),
+            (f"blobs/sha256/{m[7:]}", manifest),
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", index),
+        ]
+    )
+
+
+def _zstd_long(data: bytes, window_log: int) -> bytes:
+    """``data`` compressed by the zstd tool with ``--long``, streamed so the window is kept."""
+    import subprocess
+
+    return subprocess.run(
+        ["zstd", "-q", "-c", f"--long={window_log}", "-"],
+        input=data,
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
 CASES: dict[str, tuple[Callable[[Platform], bytes], str]] = {
+    "pax-bomb": (_pax_bomb, r"extended header of 4000000 bytes exceeds the 64 KiB limit"),
+    "gnu-long-name-bomb": (_gnu_long_name_bomb, r"extended header of 67108864 bytes exceeds"),
+    "malformed-pax-records": (_malformed_pax_records, r"pax record at byte 0 has a wrong length"),
+    "deep-index-json": (
+        lambda n: _oci_with(n, lambda name, d: DEEP if name == "index.json" else d),
+        "index.json nests deeper than 64 levels",
+    ),
+    "deep-manifest-json": (
+        lambda n: samples.archive_bytes([("manifest.json", DEEP)]),
+        "manifest.json nests deeper than 64 levels",
+    ),
+    "deep-config": (_deep_config, "config nests deeper than 64 levels"),
+    "zstd-long31": (
+        lambda n: _zstd_long(_good(n), 31),
+        r"zstd window of 2 GiB \(--long=31\) exceeds the 128 MiB allowed by --memory-budget",
+    ),
+    "manifest-json-45000-entries": (
+        _many_entries_manifest,
+        "manifest.json has 45000 images, more than the limit of 1000",
+    ),
+    "repeated-layer": (_repeated_layer, "10000 layers, more than the limit of 500"),
+    "blob-name-not-a-digest": (
+        lambda n: samples.archive_bytes([("blobs/sha256/not-a-digest", b"x")]),
+        "blob name is not a sha256 digest",
+    ),
+    "blob-name-md5": (
+        lambda n: samples.archive_bytes([("blobs/md5/abc", b"x")]),
+        "unsupported digest algorithm 'md5'",
+    ),
     "truncated-zstd": (
         lambda n: zstandard.ZstdCompressor().compress(_good(n, 200_000))[:-5000],
         "truncated",
@@ -210,3 +370,159 @@ def test_containerd_unreachable(cli, tmp_path: Path) -> None:
     assert result.code == 3
     assert "not reachable" in result.err
     assert "Traceback" not in result.err
+
+
+def test_memory_budget_decides_the_zstd_window(
+    cli, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """A --long=27 archive fails with the window and the setting named under a 112Mi budget, and imports under the default."""
+    path = tmp_path / "long27.tar.zst"
+    path.write_bytes(_zstd_long(_good(node), 27))
+    small = cli("import", "--memory-budget", "112Mi", str(path))
+    assert small.code == 1, small
+    (line,) = small.err.strip().splitlines()
+    assert (
+        "zstd window of 128 MiB (--long=27) exceeds the 16 MiB allowed by --memory-budget 112 MiB"
+        in line
+    )
+    assert "IMAGE_AGENT_MEMORY_BUDGET" in line
+    assert_nothing_imported(client)
+    ok = cli("import", str(path))
+    assert ok.code == 0, ok
+    assert "docker.io/library/good:1" in cri_by_tag(client)
+
+
+def test_member_count_bound(cli, client: Containerd, tmp_path: Path) -> None:
+    """An archive with more tar headers than --max-archive-members is refused at the first one over."""
+    path = tmp_path / "many.tar"
+    path.write_bytes(samples.archive_bytes([(f"f{i}", b"") for i in range(50)]))
+    result = cli("import", "--max-archive-members", "20", str(path))
+    assert result.code == 1, result
+    assert "more than 20 tar headers" in result.err
+    assert_nothing_imported(client)
+
+
+def test_memory_budget_too_small_is_a_usage_error(cli, tmp_path: Path) -> None:
+    """A budget that leaves no room for any window is refused as usage, before any archive is read."""
+    result = cli("import", "--memory-budget", "64Mi", str(tmp_path / "x.tar"))
+    assert result.code == 2, result
+    assert "--memory-budget 64 MiB is below" in result.err
+
+
+def test_daemon_marks_a_long31_archive_failed_once(
+    daemon, client: Containerd, node: Platform
+) -> None:
+    """The daemon fails a --long=31 archive with the window named, tries it once, and goes on with the next archive."""
+    d = daemon()
+    d.start()
+    bad = d.images / "a-long31.tar.zst"
+    bad.write_bytes(_zstd_long(_good(node), 31))
+    record = d.wait_state(bad, "failed")
+    assert "zstd window of 2 GiB" in str(record), record
+    good = d.images / "b-good.tar"
+    good.write_bytes(_good(node))
+    d.wait_state(good, "imported")
+    started = [e for e in d.named("import.started") if e.get("file") == str(bad)]
+    assert len(started) == 1, started
+    (failed,) = [e for e in d.named("import.failed") if e.get("file") == str(bad)]
+    assert "--memory-budget" in failed["error"]
+
+
+@pytest.mark.parametrize(
+    "case", ["pax-bomb", "deep-index-json", "deep-config", "zstd-long31", "repeated-layer"]
+)
+def test_verify_refuses_hostile_archives_in_one_line(
+    case: str, cli, node: Platform, tmp_path: Path
+) -> None:
+    """verify gives the same one-line reason as import for the hostile archives, quickly, no traceback."""
+    import time
+
+    make, reason = CASES[case]
+    path = tmp_path / f"{case}.tar"
+    path.write_bytes(make(node))
+    start = time.monotonic()
+    result = cli("verify", str(path))
+    assert time.monotonic() - start < 10
+    assert result.code == 1, result
+    assert "Traceback" not in result.err
+    (line,) = result.err.strip().splitlines()
+    import re
+
+    assert str(path) in line and re.search(reason, line), line
+
+
+def _index_fan_out(node: Platform, n: int = 200) -> bytes:
+    """index.json -> an index of n entries all naming one index of n entries: n*n manifests from two blobs."""
+    from agent.archive import layout
+
+    entries = dict(_entries(_good(node)))
+    top = json.loads(entries.pop("index.json"))["manifests"][0]
+    top.pop("annotations", None)
+    leaf = layout.dump_json(
+        {"schemaVersion": 2, "mediaType": layout.OCI_INDEX, "manifests": [top] * n}
+    )
+    ld = layout.sha256(leaf)
+    child = {"mediaType": layout.OCI_INDEX, "digest": ld, "size": len(leaf)}
+    mid = layout.dump_json(
+        {"schemaVersion": 2, "mediaType": layout.OCI_INDEX, "manifests": [child] * n}
+    )
+    md = layout.sha256(mid)
+    index = layout.dump_json(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": layout.OCI_INDEX,
+                    "digest": md,
+                    "size": len(mid),
+                    "annotations": {layout.ANNOTATION_IMAGE_NAME: "fan:1"},
+                }
+            ],
+        }
+    )
+    return samples.archive_bytes(
+        [
+            *entries.items(),
+            (f"blobs/sha256/{ld[7:]}", leaf),
+            (f"blobs/sha256/{md[7:]}", mid),
+            ("index.json", index),
+        ]
+    )
+
+
+def test_index_fan_out_is_bounded(node: Platform, tmp_path: Path) -> None:
+    """Indexes that all name the same next index (n*n entries from 2 blobs) stop at the entry limit, not after n*n visits."""
+    import time
+
+    from agent.archive import limits
+    from agent.errors import ArchiveError
+    from agent.verify import verify
+
+    path = tmp_path / "fan.tar"
+    path.write_bytes(_index_fan_out(node, 300))  # 90,000 manifests reached without the limit
+    previous = limits.configure(limits.Limits(max_index_entries=2000))
+    try:
+        start = time.monotonic()
+        with pytest.raises(ArchiveError, match="more than 2000 index entries in all"):
+            verify(str(path))
+        assert time.monotonic() - start < 3
+    finally:
+        limits.configure(previous)
+
+
+def test_docker_manifest_layer_total_is_bounded(cli, client: Containerd, tmp_path: Path) -> None:
+    """400 images of 500 layers each in manifest.json (200,000 layer entries, under 4 MiB) are refused by the total."""
+    import time
+
+    layers = [f"{i:03x}.tar" for i in range(500)]
+    entry = {"Config": "c.json", "RepoTags": [], "Layers": layers}
+    doc = json.dumps([entry] * 400, separators=(",", ":")).encode()
+    assert len(doc) < 4 << 20
+    path = tmp_path / "many-layers.tar"
+    path.write_bytes(samples.archive_bytes([("manifest.json", doc)]))
+    start = time.monotonic()
+    result = cli("import", str(path))
+    assert time.monotonic() - start < 10
+    assert result.code == 1, result
+    assert "more than 100000 layer entries in all" in result.err
+    assert_nothing_imported(client)

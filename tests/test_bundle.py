@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import base64
+import http.server
+import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
+import threading
+import time
+import urllib.parse
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zstandard
 
-from agent import samples
+from agent import refs, samples
 from agent.archive import layout
 from agent.containerd import Containerd
 from agent.platforms import Platform
+from agent.pull import auth
+from agent.registry import RegistryClient, RegistryError, is_loopback
 from agent.sandbox import PrivateContainerd
-from tests.conftest import ROOT, Registry
+from tests.conftest import ROOT, Registry, free_port, wait_for
 from tests.helpers import assert_unpacked, cri_by_tag
 
 pytestmark = pytest.mark.containerd
@@ -231,3 +240,375 @@ def test_broken_download_resumes(registry, node: Platform, tmp_path: Path) -> No
     assert result.returncode == 0, result.stderr
     assert proxy.cuts == 1
     assert run("verify", str(out)).returncode == 0
+
+
+# -- registry client: tokens, plain HTTP, extra bytes -------------------------------
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """A distribution token server written for these tests: RS256 JWTs signed with openssl.
+
+    docker-registry is configured with ``auth: token`` and this server's
+    certificate as its root bundle, so the registry itself checks every
+    token's signature, audience and expiry. ``expire_next`` makes the next
+    token already expired (while the answer claims ``expires_in``), as a
+    token that expired in flight or was revoked would be.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        base.mkdir(parents=True, exist_ok=True)
+        self.key, self.cert = base / "key.pem", base / "cert.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+             "-subj", "/CN=image-agent-test-tokens", "-keyout", str(self.key), "-out", str(self.cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        der = subprocess.run(
+            ["openssl", "x509", "-in", str(self.cert), "-outform", "DER"],
+            check=True,
+            capture_output=True,
+        ).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.expire_next = False
+        self.expires_in = 300
+        self.issued = 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                body = json.dumps(
+                    {"token": server.sign(query.get("scope", [])), "expires_in": server.expires_in}
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def realm(self) -> str:
+        return f"http://127.0.0.1:{self.port}/token"
+
+    def sign(self, scopes: list[str]) -> str:
+        now = int(time.time())
+        expired, self.expire_next = self.expire_next, False
+        self.issued += 1
+        access = []
+        for scope in scopes:
+            kind, name, actions = scope.split(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        claims = {
+            "iss": "image-agent-test-issuer",
+            "sub": "tester",
+            "aud": "image-agent-test",
+            "exp": now - 3600 if expired else now + 3600,
+            "nbf": now - 7200,
+            "iat": now - 7200 if expired else now,
+            "jti": f"t{self.issued}",
+            "access": access,
+        }
+        header = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
+        signing_input = (
+            f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        )
+        signature = subprocess.run(
+            ["openssl", "dgst", "-sha256", "-sign", str(self.key)],
+            input=signing_input.encode(),
+            check=True,
+            capture_output=True,
+        ).stdout
+        return f"{signing_input}.{_b64url(signature)}"
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def token_registry(tmp_path: Path) -> Iterator[tuple[str, TokenServer]]:
+    """docker-registry with token auth (auth: token) in front of our token server; an image pushed."""
+    holder: dict[str, TokenServer] = {}
+
+    def start() -> tuple[str, TokenServer]:
+        tokens = TokenServer(tmp_path / "tokens")
+        holder["t"] = tokens
+        port = free_port()
+        host = f"127.0.0.1:{port}"
+        base = tmp_path / "treg"
+        (base / "data").mkdir(parents=True)
+        (base / "config.yml").write_text(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {base / 'data'}\nhttp:\n  addr: {host}\n"
+            f"auth:\n  token:\n    realm: {tokens.realm}\n    service: image-agent-test\n"
+            f"    issuer: image-agent-test-issuer\n    rootcertbundle: {tokens.cert}\n"
+        )
+        log = open(base / "registry.log", "ab")
+        proc = subprocess.Popen(
+            ["docker-registry", "serve", str(base / "config.yml")], stdout=log, stderr=log
+        )
+        holder["proc"] = proc  # type: ignore[assignment]
+
+        def up() -> bool:
+            try:
+                urllib.request.urlopen(f"http://{host}/v2/", timeout=1)
+            except urllib.error.HTTPError:
+                return True
+            except OSError:
+                return False
+            return True
+
+        wait_for(up, 60, "token registry")
+        return host, tokens
+
+    yield start  # type: ignore[misc]
+    proc = holder.get("proc")
+    if proc is not None:
+        proc.terminate()  # type: ignore[attr-defined]
+        proc.wait(10)  # type: ignore[attr-defined]
+    if "t" in holder:
+        holder["t"].stop()
+
+
+def _push_with_token(host: str, node: Platform, tmp_path: Path) -> None:
+    src = tmp_path / "tok.tar"
+    src.write_bytes(samples.oci_archive([samples.simple_image("tok/x:1", {"x": b"x"}, node)]))
+    result = subprocess.run(
+        ["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-creds", "u:p",
+         f"oci-archive:{src}", f"docker://{host}/tok/x:1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def test_expired_token_is_renewed_on_401(token_registry, node: Platform, tmp_path: Path) -> None:
+    """A token the registry refuses as expired (401) is fetched again once, and the request succeeds."""
+    host, tokens = token_registry()
+    _push_with_token(host, node, tmp_path)
+    tokens.issued = 0  # skopeo's tokens do not count
+    tokens.expire_next = True
+    client = RegistryClient({host: auth.Credentials(host, "u", "p")})
+    ref = refs.parse(f"{host}/tok/x:1")
+    manifest = client.manifest(ref)
+    assert manifest.digest.startswith("sha256:")
+    assert tokens.issued == 2  # the expired one, then its renewal
+    client.manifest(ref)
+    assert tokens.issued == 2  # the renewed token is kept while it is valid
+
+
+def test_token_renewed_when_its_lifetime_ends(
+    token_registry, node: Platform, tmp_path: Path
+) -> None:
+    """A token is fetched again once the expires_in its server stated has passed, before any 401."""
+    host, tokens = token_registry()
+    _push_with_token(host, node, tmp_path)
+    tokens.issued = 0
+    now = [1000.0]
+    client = RegistryClient({host: auth.Credentials(host, "u", "p")}, clock=lambda: now[0])
+    ref = refs.parse(f"{host}/tok/x:1")
+    client.manifest(ref)
+    client.manifest(ref)
+    assert tokens.issued == 1
+    now[0] += 301  # the JWT itself stays valid for an hour: only the stated lifetime ended
+    client.manifest(ref)
+    assert tokens.issued == 2
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("localhost", True),
+        ("localhost:5000", True),
+        ("127.0.0.1:5000", True),
+        ("127.8.9.10", True),
+        ("[::1]:5000", True),
+        ("LOCALHOST:5000", True),
+        ("localhost.corp.com", False),
+        ("localhost.corp.com:5000", False),
+        ("localhostx:5000", False),
+        ("127.example.com", False),
+        ("127.0.0.1.nip.io:5000", False),
+        ("[::2]:5000", False),
+        ("128.0.0.1", False),
+        ("registry.local", False),
+    ],
+)
+def test_plain_http_only_for_loopback(host: str, loopback: bool) -> None:
+    """Look-alike names (localhost.corp.com, 127.example.com) are not loopback and get HTTPS."""
+    client = RegistryClient()
+    assert is_loopback(host) is loopback
+    assert client._base(host).startswith("http://" if loopback else "https://")
+    assert RegistryClient(plain_http=frozenset({host}))._base(host).startswith("http://")
+
+
+def _non_loopback_address() -> str:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.254", 9))
+            return str(s.getsockname()[0])
+        except OSError:
+            return ""
+
+
+@pytest.mark.parametrize("challenge", ["basic", "bearer"])
+def test_no_credentials_over_plain_http_to_other_hosts(challenge: str) -> None:
+    """A --plain-http registry that is not loopback never receives credentials, basic or for a token."""
+    address = _non_loopback_address()
+    if not address or address.startswith("127."):
+        pytest.skip("no non-loopback address on this machine")
+    seen: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Authorization", ""))
+            port = self.server.server_address[1]
+            value = (
+                'Basic realm="x"'
+                if challenge == "basic"
+                else f'Bearer realm="http://{address}:{port}/token",service="s"'
+            )
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", value)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer((address, 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        host = f"{address}:{httpd.server_address[1]}"
+        client = RegistryClient(
+            {host: auth.Credentials(host, "u", "secret")}, plain_http=frozenset({host}), timeout=5
+        )
+        with pytest.raises(RegistryError, match="refusing to send credentials over plain HTTP"):
+            client.manifest(refs.parse(f"{host}/x/y:1"))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert seen and all(h == "" for h in seen)
+
+
+class _PaddingProxy:
+    """An HTTP relay to a registry that appends bytes to one blob, as a broken or hostile registry might."""
+
+    def __init__(self, target: str, digest: str, extra: bytes) -> None:
+        relay = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                req = urllib.request.Request(
+                    f"http://{target}{self.path}",
+                    headers={k: v for k, v in self.headers.items() if k.lower() != "host"},
+                )
+                try:
+                    resp = urllib.request.urlopen(req, timeout=30)
+                    status, headers, body = resp.status, resp.headers, resp.read()
+                except urllib.error.HTTPError as err:
+                    status, headers, body = err.code, err.headers, err.read()
+                if self.path.endswith(f"/blobs/{digest}") and status == 200:
+                    body += extra
+                    relay.padded += 1
+                self.send_response(status)
+                for k, v in headers.items():
+                    if k.lower() not in ("content-length", "transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.padded = 0
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_registry_extra_bytes_fail_the_bundle(registry, node: Platform, tmp_path: Path) -> None:
+    """A registry that sends bytes past a layer's declared size fails the bundle; no archive is left."""
+    reg = registry()
+    image = samples.simple_image("pad/x:1", {"x": os.urandom(100_000)}, node, "gzip")
+    src = tmp_path / "src.tar"
+    src.write_bytes(samples.oci_archive([image]))
+    reg.push(src, "pad/x:1")
+    layer = layout.sha256(image.variants[0].layers[0].blob())
+    proxy = _PaddingProxy(reg.host, layer, b"EXTRA")
+    try:
+        lst = tmp_path / "l.txt"
+        lst.write_text(f"{proxy.host}/pad/x:1\n")
+        out = tmp_path / "p.tar.zst"
+        result = run("bundle", "--list", str(lst), "-o", str(out))
+    finally:
+        proxy.stop()
+    assert proxy.padded >= 1
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert "registry sent more" in line and "Traceback" not in result.stderr
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+# -- verify: every member checked ------------------------------------------------------
+
+
+def _with_duplicate(archive: bytes, *, same: bool) -> tuple[bytes, str]:
+    """The archive with its largest blob appended again: the same bytes, or different ones of the same size."""
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        entries = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    name, data = max(entries, key=lambda e: len(e[1]))
+    copy = data if same else data[:-1] + bytes([data[-1] ^ 0xFF])
+    return samples.archive_bytes([*entries, (name, copy)]), name
+
+
+def test_verify_refuses_a_corrupt_duplicate_blob(node: Platform, tmp_path: Path) -> None:
+    """A blob carried twice with different bytes of the same size fails verify (tar -x keeps the bad copy)."""
+    good = samples.oci_archive([samples.simple_image("dup:1", {"f": os.urandom(50_000)}, node)])
+    bad, name = _with_duplicate(good, same=False)
+    path = tmp_path / "dup.tar"
+    path.write_bytes(bad)
+    start = time.monotonic()
+    result = run("verify", str(path))
+    assert result.returncode == 1, result.stdout
+    (line,) = result.stderr.strip().splitlines()
+    assert str(path) in line and name in line and "different contents" in line
+    assert time.monotonic() - start < 10
+    same, _ = _with_duplicate(good, same=True)
+    path.write_bytes(same)
+    result = run("verify", str(path))
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("name", ["blobs/sha256/not-a-digest", "blobs/md5/abc", "blobs/sha256/a/b"])
+def test_verify_refuses_blob_names_that_are_not_digests(
+    name: str, node: Platform, tmp_path: Path
+) -> None:
+    """Every file under blobs/ must be named <algorithm>/<hex> of a supported digest."""
+    good = samples.oci_archive([samples.simple_image("n:1", {"f": b"x"}, node)])
+    with tarfile.open(fileobj=io.BytesIO(good)) as tar:
+        entries = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+    path = tmp_path / "names.tar"
+    path.write_bytes(samples.archive_bytes([*entries, (name, b"whatever")]))
+    result = run("verify", str(path))
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()
+    assert name in line and "Traceback" not in result.stderr

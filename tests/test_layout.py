@@ -6,11 +6,13 @@ import hashlib
 import io
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from agent import platforms, samples
-from agent.archive import layout
+from agent import boundedjson, platforms, samples
+from agent.archive import layout, limits
 from agent.archive.compression import Compression, detect
-from agent.archive.tarstream import safe_name, walk
+from agent.archive.tarstream import HeaderGuard, parse_pax, safe_name, walk
 from agent.errors import ArchiveError
 from agent.platforms import Platform
 
@@ -111,3 +113,112 @@ def test_platforms() -> None:
     assert not platforms.parse("linux/arm/v6").matches(Platform("linux", "arm", "v7"))
     with pytest.raises(ValueError):
         platforms.parse("a/b/c/d")
+
+
+# -- tar header guard and metadata bounds --------------------------------------------
+
+
+_NAME = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_characters="/\0", exclude_categories=("Cs",)),
+    min_size=1,
+    max_size=40,
+).filter(lambda s: s not in (".", ".."))
+_MEMBER = st.tuples(
+    st.lists(_NAME, min_size=1, max_size=6).map("/".join),
+    st.binary(max_size=1500),
+    st.sampled_from(["file", "dir", "symlink"]),
+)
+
+
+def _written(members: list[tuple[str, bytes, str]], fmt: int) -> bytes:
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data, kind in members:
+            info = tarfile.TarInfo(name)
+            if kind == "dir":
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            elif kind == "symlink":
+                info.type, info.linkname = tarfile.SYMTYPE, "target"
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
+@given(
+    members=st.lists(_MEMBER, min_size=1, max_size=8, unique_by=lambda m: m[0]),
+    fmt=st.sampled_from([0, 1, 2]),
+)
+def test_header_guard_passes_what_tarfile_writes(
+    members: list[tuple[str, bytes, str]], fmt: int
+) -> None:
+    """Archives written by tarfile in every format (pax, GNU long names, ustar) pass the guard unchanged."""
+    import tarfile
+
+    formats = (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT)
+    try:
+        data = _written(members, formats[fmt])
+    except ValueError:
+        return  # ustar cannot hold the name: nothing written
+    names = [safe_name(n) for n, _, _ in members]
+    seen = [m.name for m, _ in walk(io.BytesIO(data))]
+    assert seen == [n.rstrip("/") for n in names]
+    guard = HeaderGuard(io.BytesIO(data), limits.current())
+    while guard.read(777):
+        pass
+    assert guard.headers >= len(members)
+
+
+def test_pax_records_parsed_whole_or_refused() -> None:
+    """Pax records must tile the header exactly; long digit runs (the quadratic parser's food) are refused."""
+    good = b"13 path=abcd\n"
+    assert parse_pax(good, "h") == {b"path": b"abcd"}
+    for bad in (b"99 path=x\n", b"2 a\n", b"12 pathabcd\n", b"x path=y\n", b"13 path=abcd\nX"):
+        with pytest.raises(ArchiveError):
+            parse_pax(bad, "h")
+    digits = b"1" * (200)
+    record = b"comment=" + digits + b"\n"
+    record = str(len(record) + 4).encode() + b" " + record
+    with pytest.raises(ArchiveError, match="run of more than"):
+        parse_pax(record, "h")
+
+
+def test_boundedjson_depth_is_linear_on_unterminated_strings() -> None:
+    """Quotes and escapes that never close a string are scanned once, not once per quote."""
+    import time
+
+    start = time.monotonic()
+    for doc in (b'"' + b'\\"' * 1_000_000, b'"' + b'\\"' * 1_000_000 + b"\\", b"[" * 2_000_000):
+        boundedjson.depth(doc)
+    assert time.monotonic() - start < 3
+    assert boundedjson.depth(b'["]", {"a": [1]}]') == 3
+    assert boundedjson.depth(b'"[[["') == 0
+
+
+def test_zstd_window_from_budget() -> None:
+    """The largest window is the power of two left after the reserve: 128 MiB under the default budget."""
+    assert limits.Limits().zstd_window == 128 << 20
+    assert limits.Limits(memory_budget=112 << 20).zstd_window == 16 << 20
+    assert limits.Limits(memory_budget=1 << 30).zstd_window == 512 << 20
+
+
+@pytest.mark.parametrize("size_field", [b"0o10000000\0", b"1_000_000\0", b" +4000000\0"])
+def test_header_guard_reads_sizes_as_tarfile_does(size_field: bytes) -> None:
+    """A pax header whose size is written in a form int() accepts (0o…, 1_0, +n) is still bounded."""
+    import tarfile
+
+    info = tarfile.TarInfo("p")
+    info.type = tarfile.XHDTYPE
+    header = bytearray(info.tobuf(format=tarfile.USTAR_FORMAT))
+    header[124:136] = size_field.ljust(12, b"\0")
+    header[148:156] = b"        "
+    header[148:156] = f"{sum(header):06o}\0 ".encode()
+    with pytest.raises(ArchiveError, match="extended header of"):
+        list(walk(io.BytesIO(bytes(header) + b"1 " * 100_000)))

@@ -54,3 +54,27 @@ def test_union_keeps_every_source() -> None:
     u = lists.union(a, b)
     assert list(u) == ["docker.io/library/alpine:latest", "docker.io/library/busybox:latest"]
     assert [e.where for e in u["docker.io/library/alpine:latest"]] == ["a.txt:1", "b.txt:1"]
+
+
+def test_oversized_list_and_lines_bounded() -> None:
+    """A list over the size limit is one problem, not a long parse; an over-long line is one problem and the rest still count."""
+    import time
+
+    start = time.monotonic()
+    entries, problems = lists.parse("a" * (lists.MAX_LIST_BYTES + 1), "huge.txt")
+    assert entries == [] and len(problems) == 1 and "larger than" in problems[0].reason
+    text = "alpine\n" + "x" * (lists.MAX_LINE + 1) + "\nbusybox\n"
+    entries, problems = lists.parse(text, "l.txt")
+    assert [e.ref for e in entries] == [
+        "docker.io/library/alpine:latest",
+        "docker.io/library/busybox:latest",
+    ]
+    assert [p.line for p in problems] == [2]
+    assert time.monotonic() - start < 2
+
+
+def test_non_ascii_reference_in_list_is_a_problem() -> None:
+    """A tag with a non-ASCII letter is reported with its line, not accepted."""
+    entries, problems = lists.parse("alpine:t\u00e9st\nbusybox\n", "l.txt")
+    assert [e.ref for e in entries] == ["docker.io/library/busybox:latest"]
+    assert [p.line for p in problems] == [1]

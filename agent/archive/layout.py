@@ -12,7 +12,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import platforms, refs
+from agent import boundedjson, platforms, refs
+from agent.archive import limits
 from agent.archive.compression import Compression
 from agent.archive.tarstream import safe_name
 from agent.errors import ArchiveError
@@ -84,12 +85,22 @@ def sha256(data: bytes) -> str:
 
 
 def load_json(data: bytes, what: str) -> Any:
+    """Parse a metadata document within the size and nesting limits."""
     if len(data) > MAX_JSON:
         raise ArchiveError(f"{what} is larger than {MAX_JSON >> 20} MiB")
     try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ArchiveError(f"{what} is not valid JSON ({err})") from None
+        return boundedjson.loads(
+            data, what=what, max_bytes=MAX_JSON, max_depth=limits.current().max_json_depth
+        )
+    except boundedjson.JSONLimitError as err:
+        raise ArchiveError(str(err)) from None
+    except UnicodeDecodeError:
+        raise ArchiveError(f"{what} is not valid JSON (not UTF-8)") from None
+
+
+def _check_count(n: int, limit: int, what: str, things: str, setting: str) -> None:
+    if n > limit:
+        raise ArchiveError(f"{what} has {n} {things}, more than the limit of {limit} ({setting})")
 
 
 def dump_json(obj: Any) -> bytes:
@@ -98,13 +109,24 @@ def dump_json(obj: Any) -> bytes:
 
 
 def digest_of_blob_path(name: str) -> str | None:
-    """``sha256:<hex>`` if ``name`` is an OCI layout blob path (``blobs/sha256/<hex>``)."""
+    """``sha256:<hex>`` if ``name`` is an OCI layout blob path (``blobs/sha256/<hex>``).
+
+    None for names outside ``blobs/``. A file inside it that is not named by
+    a valid digest of a supported algorithm raises ArchiveError: its content
+    could never be checked, and a consumer unpacking the layout would take it
+    for a blob.
+    """
     parts = name.split("/")
-    if len(parts) == 3 and parts[0] == "blobs" and parts[1] == "sha256":
-        digest = f"sha256:{parts[2]}"
-        if refs.is_digest(digest):
-            return digest
-    return None
+    if parts[0] != "blobs" or len(parts) == 1:
+        return None
+    if len(parts) != 3:
+        raise ArchiveError(f"{name}: not a blob path (blobs/<algorithm>/<hex>)")
+    if parts[1] != "sha256":
+        raise ArchiveError(f"{name}: unsupported digest algorithm {parts[1]!r} (sha256 only)")
+    digest = f"sha256:{parts[2]}"
+    if not refs.is_digest(digest):
+        raise ArchiveError(f"{name}: blob name is not a sha256 digest (64 lower-case hex)")
+    return digest
 
 
 def digest_of_docker_path(name: str) -> str | None:
@@ -147,6 +169,9 @@ def parse_index(data: bytes, what: str = OCI_INDEX_FILE) -> tuple[Descriptor, ..
     doc = load_json(data, what)
     if not isinstance(doc, dict) or not isinstance(doc.get("manifests"), list):
         raise ArchiveError(f"{what} has no manifests list")
+    bound = limits.current().max_manifests
+    _check_count(len(doc["manifests"]), bound, what, "manifests", "max_manifests")
+    limits.count_index_entries(len(doc["manifests"]), what)
     return tuple(_descriptor(m, f"{what} manifests[{i}]") for i, m in enumerate(doc["manifests"]))
 
 
@@ -159,6 +184,8 @@ def document_kind(media_type: str, data: bytes, what: str) -> str:
     doc = load_json(data, what)
     if isinstance(doc, dict):
         inner = doc.get("mediaType")
+        if inner is not None and not isinstance(inner, str):
+            raise ArchiveError(f"{what}: mediaType is not a string")
         if inner in INDEX_TYPES or (inner is None and "manifests" in doc):
             return "index"
         if inner in MANIFEST_TYPES or (inner is None and "layers" in doc and "config" in doc):
@@ -170,10 +197,15 @@ def parse_manifest(data: bytes, what: str) -> Manifest:
     doc = load_json(data, what)
     if not isinstance(doc, dict) or not isinstance(doc.get("layers"), list):
         raise ArchiveError(f"{what} is not an image manifest")
+    bound = limits.current().max_layers
+    _check_count(len(doc["layers"]), bound, what, "layers", "max_layers")
+    limits.count_layer_entries(len(doc["layers"]), what)
     config = _descriptor(doc.get("config"), f"{what} config")
     layers = tuple(_descriptor(item, f"{what} layers[{i}]") for i, item in enumerate(doc["layers"]))
     media_type = doc.get("mediaType") or OCI_MANIFEST
-    return Manifest(str(media_type), config, layers)
+    if not isinstance(media_type, str):
+        raise ArchiveError(f"{what}: mediaType is not a string")
+    return Manifest(media_type, config, layers)
 
 
 def parse_config(data: bytes, what: str) -> ImageConfig:
@@ -186,6 +218,8 @@ def parse_config(data: bytes, what: str) -> ImageConfig:
         isinstance(d, str) and refs.is_digest(d) for d in diff_ids
     ):
         raise ArchiveError(f"{what} has no valid rootfs.diff_ids")
+    bound = limits.current().max_layers
+    _check_count(len(diff_ids), bound, what, "layers", "max_layers")
     return ImageConfig(platforms.from_json(doc), tuple(diff_ids))
 
 
@@ -194,6 +228,7 @@ def parse_docker_manifest(data: bytes) -> tuple[DockerEntry, ...]:
     doc = load_json(data, what)
     if not isinstance(doc, list) or not doc:
         raise ArchiveError(f"{what} is not a non-empty list of images")
+    _check_count(len(doc), limits.current().max_manifests, what, "images", "max_manifests")
     entries = []
     for i, item in enumerate(doc):
         where = f"{what}[{i}]"
@@ -204,6 +239,8 @@ def parse_docker_manifest(data: bytes) -> tuple[DockerEntry, ...]:
             raise ArchiveError(f"{where} has no Config")
         if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
             raise ArchiveError(f"{where} has no Layers list")
+        _check_count(len(layers), limits.current().max_layers, where, "layers", "max_layers")
+        limits.count_layer_entries(len(layers), where)
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ArchiveError(f"{where} has invalid RepoTags")
         entries.append(

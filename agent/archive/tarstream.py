@@ -4,11 +4,21 @@ Members are yielded in archive order with a reader for their data; nothing
 is extracted or written to disk. Every member name is checked: absolute
 paths and ``..`` components are refused, since an archive that carries them
 is either broken or hostile.
+
+The standard :mod:`tarfile` reads pax and GNU long-name headers whole into
+memory and, before CPython 3.11.10 / 3.12.6, parses pax records in quadratic
+time (CVE-2024-6232). So every 512-byte header is checked here, in the raw
+stream, before tarfile sees it (:class:`HeaderGuard`): the size of extended
+headers, the shape of pax records and the number of headers are bounded by
+:mod:`agent.archive.limits`, whatever the interpreter's patch level.
 """
 
 from __future__ import annotations
 
+import io
 import posixpath
+import re
+import struct
 import tarfile
 import zlib
 from collections.abc import Iterator
@@ -17,8 +27,25 @@ from typing import IO, BinaryIO, Protocol
 
 import zstandard
 
+from agent.archive import limits
 from agent.archive.compression import Compression, open_stream
 from agent.errors import ArchiveError
+
+BLOCK = 512
+# Type flags, as in POSIX and GNU tar.
+_PAX_TYPES = frozenset(b"xX")  # one member's extended header ('X': Solaris)
+_GLOBAL_TYPE = ord("g")
+_GNU_LONG_TYPES = frozenset(b"LK")  # GNU long name / long link name
+_SPARSE_TYPE = ord("S")
+_AREG_TYPE = 0
+# Types tarfile knows; for these only regular files carry data blocks.
+_REGULAR_TYPES = frozenset(b"07\0S")
+_SUPPORTED_TYPES = _REGULAR_TYPES | frozenset(b"123456LKxgX")
+# The longest run of decimal digits allowed in an extended header. The
+# vulnerable pax parsers backtrack over digit runs; real headers hold numbers
+# of at most 20 digits (sizes, times) and paths.
+MAX_DIGIT_RUN = 64
+_DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (MAX_DIGIT_RUN + 1))
 
 READ_BUFFER = 1 << 20
 
@@ -88,6 +115,190 @@ class _Guarded:
             raise ArchiveError(describe_damage(err, self._compression)) from None
 
 
+def _number(field: bytes) -> int | None:
+    """A numeric header field exactly as tarfile reads it (base-256, or octal text); None
+    where tarfile finds it invalid (and stops reading the archive).
+
+    Exactly, quirks included (``int()`` takes ``0o17``, ``1_0``, signs and
+    white space): a field the guard read differently from tarfile would let a
+    header through unchecked.
+    """
+    if field[0] in (0o200, 0o377):
+        n = int.from_bytes(field[1:], "big")
+        return n - 256 ** (len(field) - 1) if field[0] == 0o377 else n
+    try:
+        text = field.split(b"\0", 1)[0].decode("ascii")
+        return int(text.strip() or "0", 8)
+    except ValueError:  # UnicodeDecodeError is one
+        return None
+
+
+def _checksum_ok(block: bytes) -> bool:
+    stored = _number(block[148:156])
+    unsigned = 256 + sum(struct.unpack_from("148B8x356B", block))
+    signed = 256 + sum(struct.unpack_from("148b8x356b", block))
+    return stored is not None and stored in (unsigned, signed)
+
+
+def parse_pax(data: bytes, what: str) -> dict[bytes, bytes]:
+    """The records of a pax extended header; ArchiveError unless every one is well-formed.
+
+    A record is ``<length> <keyword>=<value>\\n`` where length counts the whole
+    record. Parsed in one linear pass; the records must tile the data exactly.
+    """
+    if _DIGIT_RUN.search(data):
+        raise ArchiveError(f"{what}: pax header holds a run of more than {MAX_DIGIT_RUN} digits")
+    records: dict[bytes, bytes] = {}
+    pos = 0
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 12)
+        digits = data[pos:space] if space > pos else b""
+        if not digits.isdigit() or not digits.isascii():
+            raise ArchiveError(f"{what}: malformed pax record at byte {pos}")
+        length = int(digits)
+        end = pos + length
+        if length < len(digits) + 4 or end > len(data) or data[end - 1] != 0x0A:
+            raise ArchiveError(f"{what}: pax record at byte {pos} has a wrong length")
+        keyword, eq, value = data[space + 1 : end - 1].partition(b"=")
+        if not eq or not keyword:
+            raise ArchiveError(f"{what}: pax record at byte {pos} has no keyword=value")
+        records[keyword] = value
+        pos = end
+    return records
+
+
+class HeaderGuard(io.RawIOBase):
+    """Reads a tar stream and checks every header before the reader sees it.
+
+    Follows the archive's structure (header, data blocks, header, ...) the
+    way tarfile does, and raises :class:`ArchiveError` on an extended header
+    over the limit, a malformed pax record, sparse members, or too many
+    headers. After the end-of-archive block, or a header tarfile would stop
+    at, bytes pass unchecked: tarfile reads no further headers.
+    """
+
+    def __init__(self, raw: Reader, bounds: limits.Limits) -> None:
+        super().__init__()
+        self._raw = raw
+        self._limits = bounds
+        self._offset = 0  # bytes passed through so far
+        self._skip = 0  # data bytes to pass before the next block of interest
+        self._need = BLOCK  # bytes of the current header or extended data to collect
+        self._buf = bytearray()
+        self._ext_type = -1  # type of the extended header whose data is being collected
+        self._ext_start = 0
+        self._size_override: int | None = None
+        self._seen_pax = False
+        self._extended_total = 0
+        self.headers = 0
+        self.done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1, /) -> bytes:
+        data = self._raw.read(size)
+        if not self.done and data:
+            self._scan(memoryview(data))
+        return data
+
+    def _scan(self, view: memoryview) -> None:
+        i, n = 0, len(view)
+        while i < n and not self.done:
+            if self._skip:
+                k = min(self._skip, n - i)
+                self._skip -= k
+                i += k
+                continue
+            k = min(self._need - len(self._buf), n - i)
+            self._buf += view[i : i + k]
+            i += k
+            if len(self._buf) == self._need:
+                chunk = bytes(self._buf)
+                self._buf.clear()
+                start = self._offset + i - len(chunk)
+                if self._ext_type >= 0:
+                    self._extended(chunk)
+                else:
+                    self._header(chunk, start)
+        self._offset += n
+
+    def _header(self, block: bytes, offset: int) -> None:
+        if block.count(0) == BLOCK or not _checksum_ok(block):
+            self.done = True  # the end, or a header tarfile stops at
+            return
+        size = _number(block[124:136])
+        if size is None:
+            self.done = True
+            return
+        self.headers += 1
+        bounds = self._limits
+        if self.headers > bounds.max_members:
+            raise ArchiveError(
+                f"archive has more than {bounds.max_members} tar headers (limit max_members)"
+            )
+        kind = block[156]
+        where = f"tar header at byte {offset}"
+        if size < 0:
+            raise ArchiveError(f"{where} has a negative size")
+        if kind == _SPARSE_TYPE:
+            raise ArchiveError(f"{where}: sparse members are not supported in image archives")
+        if kind in _PAX_TYPES or kind == _GLOBAL_TYPE or kind in _GNU_LONG_TYPES:
+            if size > bounds.max_extended_header:
+                raise ArchiveError(
+                    f"{where}: extended header of {size} bytes exceeds the "
+                    f"{limits.human(bounds.max_extended_header)} limit"
+                )
+            self._extended_total += size
+            if self._extended_total > bounds.max_extended_total:
+                raise ArchiveError(
+                    f"{where}: extended headers exceed "
+                    f"{limits.human(bounds.max_extended_total)} in all (limit max_extended_total)"
+                )
+            if kind in _PAX_TYPES:
+                if self._seen_pax:
+                    raise ArchiveError(f"{where}: two pax headers for one member")
+                self._seen_pax = True
+            self._ext_type, self._ext_start = kind, offset
+            self._need = size
+            self._skip = 0
+            if size == 0:
+                self._extended(b"")
+            return
+        # A member: its data blocks follow (tarfile skips data only for these).
+        if self._size_override is not None:
+            size = self._size_override
+        name = block[0:100].split(b"\0", 1)[0]
+        is_dir = kind == _AREG_TYPE and name.endswith(b"/")
+        if (kind in _REGULAR_TYPES and not is_dir) or kind not in _SUPPORTED_TYPES:
+            self._skip = _blocks(size)
+        self._size_override = None
+        self._seen_pax = False
+
+    def _extended(self, data: bytes) -> None:
+        kind, size = self._ext_type, len(data)
+        where = f"tar header at byte {self._ext_start}"
+        self._ext_type = -1
+        self._need = BLOCK
+        self._skip = _blocks(size) - size  # the padding of the data's last block
+        if kind in _PAX_TYPES or kind == _GLOBAL_TYPE:
+            records = parse_pax(data, where)
+            if any(k.startswith(b"GNU.sparse.") for k in records):
+                raise ArchiveError(f"{where}: sparse members are not supported in image archives")
+            if b"size" in records:
+                value = records[b"size"]
+                if kind == _GLOBAL_TYPE:
+                    raise ArchiveError(f"{where}: a global pax header sets a size")
+                if not value.isdigit() or not value.isascii() or len(value) > 20:
+                    raise ArchiveError(f"{where}: invalid pax size {value[:32]!r}")
+                self._size_override = int(value)
+
+
+def _blocks(size: int) -> int:
+    """``size`` rounded up to whole 512-byte blocks."""
+    return -(-size // BLOCK) * BLOCK
+
+
 def walk(raw: BinaryIO) -> Iterator[tuple[Member, Reader | None]]:
     """Yield ``(member, data)`` for each entry of the tar in ``raw``.
 
@@ -96,9 +307,11 @@ def walk(raw: BinaryIO) -> Iterator[tuple[Member, Reader | None]]:
     :class:`ArchiveError` with a readable reason.
     """
     compression = Compression.NONE
+    limits.begin_archive()
     try:
         compression, stream = open_stream(raw)
-        tar = tarfile.open(fileobj=stream, mode="r|", bufsize=READ_BUFFER)
+        guard = HeaderGuard(stream, limits.current())
+        tar = tarfile.open(fileobj=guard, mode="r|", bufsize=READ_BUFFER)
         count = 0
         for info in tar:
             count += 1
