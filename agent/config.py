@@ -234,12 +234,15 @@ def resolve(cls: type[C], args: argparse.Namespace, env: Mapping[str, str] = os.
     """Build ``cls`` from parsed flags, the environment and defaults."""
     values: dict[str, Any] = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        kind: type[Any] = type(f.default)
         raw = getattr(args, f"{cls.__name__}.{f.name}", None)
+        if raw == "" and kind is str:
+            values[f.name] = ""  # an explicit empty flag turns a setting off (--listen '')
+            continue
         if raw is None:
             raw = env.get(f.metadata["env"])
         if raw is None or raw == "":
             continue
-        kind: type[Any] = type(f.default)
         try:
             values[f.name] = _convert(raw, kind, f.metadata["unit"])
         except ValueError:
