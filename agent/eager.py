@@ -15,17 +15,23 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
+from typing import Protocol, runtime_checkable
 
 from agent.archive import layout
 from agent.archive.compression import Compression
-from agent.containerd.client import Containerd
+from agent.containerd.content import ContentStore
+from agent.containerd.labels import UNCOMPRESSED_LABEL
+from agent.containerd.snapshots import SnapshotStore
 from agent.errors import AgentError, AlreadyExists, ArchiveError
 
-UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
+
+@runtime_checkable
+class LayerStore(ContentStore, SnapshotStore, Protocol):
+    """Content and snapshots: what unpacking needs (containerd, not verify's store)."""
 
 
 def apply_layer(
-    client: Containerd,
+    client: LayerStore,
     snapshotter: str,
     lease: str,
     parent: str,
@@ -72,7 +78,7 @@ class EagerUnpacker:
     """Apply layers in arrival order on a worker thread; best effort."""
 
     def __init__(
-        self, client: Containerd, snapshotter: str, lease: str, stop: threading.Event
+        self, client: LayerStore, snapshotter: str, lease: str, stop: threading.Event
     ) -> None:
         self.client = client
         self.snapshotter = snapshotter
