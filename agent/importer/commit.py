@@ -149,7 +149,7 @@ class Commit:
             action = self.store.put_image(
                 name, target.media_type, target.digest, target.size, labels
             )
-            if action == "created":
+            if before is None and action == "created":
                 self.created.append(name)
             elif before is not None and before.target.digest != target.digest:
                 self.moved.append(before)
