@@ -19,7 +19,7 @@ from agent.archive import layout
 from agent.archive.compression import Compression
 from agent.containerd.content import Blob
 from agent.containerd.images import ImageRecord
-from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX, merge_sources
+from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX, distribution_source, merge_sources
 from agent.containerd.rpc import channel_options, translate
 from agent.errors import ArchiveError, Cancelled, ContainerdError, OutOfSpace
 from agent.importer import Importer, ImportOptions, ImportTarget
@@ -202,7 +202,7 @@ def test_distribution_source_on_all_content(tmp_path: Path) -> None:
     path = _archive(tmp_path, data)
     result = Importer(store, OPTIONS).import_file(path)
     (image,) = result.images
-    key = DISTRIBUTION_SOURCE_PREFIX + "registry.example:5000"
+    key = DISTRIBUTION_SOURCE_PREFIX + "registry.example"  # no port, as containerd's pull
     manifest = layout.parse_manifest(store.read_blob(image.digest, 1 << 20), "m")
     contents = [image.digest, manifest.config.digest, *(layer.digest for layer in manifest.layers)]
     for digest in contents:
@@ -213,6 +213,11 @@ def test_distribution_source_on_all_content(tmp_path: Path) -> None:
     Importer(store, OPTIONS).import_file(path)
     assert store.labels[manifest.config.digest][key] == "other/app,team/app"
     assert merge_sources("b,a", "a", "c") == "a,b,c"
+    assert distribution_source("[::1]:5000/x/y:1") == (DISTRIBUTION_SOURCE_PREFIX + "::1", "x/y")
+    assert distribution_source("alpine") == (
+        DISTRIBUTION_SOURCE_PREFIX + "docker.io",
+        "library/alpine",
+    )
 
 
 def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.RpcError:

@@ -35,14 +35,23 @@ LEASE_PREFIX = "image-agent-"
 def distribution_source(name: str) -> tuple[str, str] | None:
     """The (label key, repository) a registry pull of ``name`` would record, if any.
 
-    ``registry.example:5000/team/app:1`` gives
-    (``containerd.io/distribution.source.registry.example:5000``, ``team/app``).
+    The key names the registry's host without its port, as containerd's
+    pull does: ``registry.example:5000/team/app:1`` gives
+    (``containerd.io/distribution.source.registry.example``, ``team/app``).
     """
     try:
         ref = refs.parse(name)
     except refs.InvalidReference:
         return None
-    return DISTRIBUTION_SOURCE_PREFIX + ref.domain, ref.path
+    return DISTRIBUTION_SOURCE_PREFIX + _hostname(ref.domain), ref.path
+
+
+def _hostname(domain: str) -> str:
+    """``domain`` without its port (and without the brackets of an IPv6 address)."""
+    if domain.startswith("["):
+        return domain[1 : domain.find("]")]
+    host, colon, port = domain.rpartition(":")
+    return host if colon and port.isdigit() else domain
 
 
 def merge_sources(existing: str, *repositories: str) -> str:
