@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent import samples
 from agent.containerd import Containerd
-from agent.errors import AgentError, Cancelled, ContainerdError
+from agent.errors import AgentError, Cancelled, ContainerdError, OutOfSpace
 from agent.importer import Importer, ImportOptions, Progress
 from agent.platforms import Platform
 from agent.sandbox import PrivateContainerd
+from tests.conftest import RELEASE
 from tests.helpers import assert_no_leases, assert_pinned
 
 pytestmark = pytest.mark.containerd
@@ -150,3 +155,38 @@ def test_stop_while_waiting_for_the_cri(client: Containerd) -> None:
     with pytest.raises(Cancelled):
         client.cri_wait(never, 60, stop=stop)
     assert time.monotonic() - started < 2.0
+
+
+@pytest.fixture
+def small_ctd(tmp_path: Path) -> Iterator[PrivateContainerd]:
+    """A private containerd whose root is a 24 MiB tmpfs, to fill during an import."""
+    base = Path(tempfile.mkdtemp(prefix="ia-full-", dir="/tmp"))
+    root = base / "root"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(root)], check=True)
+    c = PrivateContainerd(base, release=RELEASE)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+        subprocess.run(["umount", "-l", str(root)], check=False)
+        c.cleanup()
+
+
+def test_full_disk_is_retryable_and_leaves_nothing(
+    small_ctd: PrivateContainerd, node: Platform, tmp_path: Path
+) -> None:
+    """A disk that fills mid-import gives OutOfSpace (retryable), no image and no lease."""
+    big = samples.Layer({"noise": os.urandom(40 << 20)})
+    path = tmp_path / "big.tar"
+    path.write_bytes(
+        samples.oci_archive([samples.SampleImage("big:1", (samples.Variant(node, (big,)),))])
+    )
+    with Containerd(small_ctd.address) as client:
+        with pytest.raises(OutOfSpace) as caught:
+            Importer(client, ImportOptions(platforms=(node,), cri_wait_s=0)).import_file(str(path))
+        assert caught.value.retryable
+        assert "\n" not in str(caught.value)
+        assert client.get_image("docker.io/library/big:1") is None
+        assert_no_leases(client)
