@@ -74,6 +74,10 @@ def looks_like_layer(head: bytes, compression: Compression) -> bool:
     return compression is Compression.NONE and head[257:262] == b"ustar"
 
 
+# How often finish() looks at the import's stop while the worker runs.
+JOIN_POLL_S = 0.1
+
+
 class EagerUnpacker:
     """Apply layers in arrival order on a worker thread; best effort."""
 
@@ -102,11 +106,18 @@ class EagerUnpacker:
         self._queue.put((Compression.NONE, "", 0))
 
     def finish(self, *, cancel: bool = False) -> None:
-        """Wait for queued work (or abandon it) and end the worker."""
+        """Wait for queued work (or abandon it) and end the worker.
+
+        A layer being applied is cancelled too (``cancel``, or the import's
+        stop while waiting), so this never waits for a big layer to finish.
+        """
         if cancel:
             self._stop.set()
         self._queue.put(None)
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(JOIN_POLL_S)
+            if self._import_stop.is_set():
+                self._stop.set()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -140,6 +151,6 @@ class EagerUnpacker:
             media_type,
             digest,
             size,
-            stop=self._import_stop,
+            stop=self._stop,
         )
         self.applied += 1

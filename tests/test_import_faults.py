@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from agent import samples
+from agent._proto.containerd.types import mount_pb2
 from agent.containerd import Containerd
 from agent.errors import AgentError, Cancelled, ContainerdError, OutOfSpace
 from agent.importer import Importer, ImportOptions, Progress
@@ -35,13 +36,22 @@ class StopAfterApplies(Containerd):
         self.applies = 0
         self.stopped_at = 0.0
 
-    def apply(self, *args, **kwargs) -> str:  # type: ignore[no-untyped-def]
+    def apply(
+        self,
+        media_type: str,
+        digest: str,
+        size: int,
+        mounts: list[mount_pb2.Mount],
+        *,
+        lease: str,
+        stop: threading.Event | None = None,
+    ) -> str:
         if self.streamed.is_set():
             self.applies += 1
             if self.applies == self.after:
                 self.stopped_at = time.monotonic()
                 self.stop.set()
-        return super().apply(*args, **kwargs)
+        return super().apply(media_type, digest, size, mounts, lease=lease, stop=stop)
 
 
 def test_stop_between_layer_applies(ctd: PrivateContainerd, node: Platform, tmp_path: Path) -> None:
@@ -189,4 +199,36 @@ def test_full_disk_is_retryable_and_leaves_nothing(
         assert caught.value.retryable
         assert "\n" not in str(caught.value)
         assert client.get_image("docker.io/library/big:1") is None
+        assert_no_leases(client)
+
+
+class StopAtCriWait(Containerd):
+    """The real client; SIGTERM arrives just as the import starts waiting for the CRI."""
+
+    def __init__(self, address: str, stop: threading.Event) -> None:
+        super().__init__(address)
+        self.stop = stop
+
+    def cri_wait(
+        self, expect: dict[str, str], timeout: float, *, stop: threading.Event | None = None
+    ) -> list[str]:
+        self.stop.set()
+        return super().cri_wait(expect, timeout, stop=stop)
+
+
+def test_stop_while_the_import_waits_for_the_cri(
+    ctd: PrivateContainerd, node: Platform, tmp_path: Path
+) -> None:
+    """A stop during the CRI wait ends it at once; the import itself is complete and kept."""
+    path = tmp_path / "w.tar"
+    path.write_bytes(samples.oci_archive([samples.simple_image("wait:1", {"w": b"w"}, node)]))
+    stop = threading.Event()
+    with StopAtCriWait(ctd.address, stop) as client:
+        started = time.monotonic()
+        result = Importer(
+            client, ImportOptions(platforms=(node,), cri_wait_s=60), stop=stop
+        ).import_file(str(path))
+        assert time.monotonic() - started < 5.0
+        assert result.not_in_cri == ["docker.io/library/wait:1"]
+        assert_pinned(client, "docker.io/library/wait:1")
         assert_no_leases(client)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterable
+from typing import Self
 
 from google.protobuf import empty_pb2
 
@@ -61,7 +62,7 @@ class Containerd:
     def close(self) -> None:
         self._rpc.close()
 
-    def __enter__(self) -> Containerd:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

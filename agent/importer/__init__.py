@@ -65,7 +65,9 @@ class Importer:
 
     ``progress`` is a passive sink: it is handed :class:`Progress` values and
     nothing more is expected of it. ``stop`` ends the import in any step
-    with :class:`~agent.errors.Cancelled`, releasing its lease.
+    with :class:`~agent.errors.Cancelled`, releasing its lease; once the
+    records are written the import is complete, and a stop while waiting
+    for the CRI only ends the wait (the names go to ``not_in_cri``).
     """
 
     def __init__(
@@ -174,7 +176,11 @@ class Importer:
         }
         if not expect:
             return []
-        return client.cri_wait(expect, self.options.cri_wait_s, stop=self.stop)
+        try:
+            return client.cri_wait(expect, self.options.cri_wait_s, stop=self.stop)
+        except Cancelled:
+            # The import itself is complete: report what the CRI had not shown yet.
+            return sorted(expect)
 
 
 def open_regular(path: str) -> BinaryIO:
