@@ -15,17 +15,23 @@ from __future__ import annotations
 import queue
 import threading
 import uuid
+from typing import Protocol, runtime_checkable
 
 from agent.archive import layout
 from agent.archive.compression import Compression
-from agent.containerd.client import Containerd
+from agent.containerd.content import ContentStore
+from agent.containerd.labels import UNCOMPRESSED_LABEL
+from agent.containerd.snapshots import SnapshotStore
 from agent.errors import AgentError, AlreadyExists, ArchiveError
 
-UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
+
+@runtime_checkable
+class LayerStore(ContentStore, SnapshotStore, Protocol):
+    """Content and snapshots: what unpacking needs (containerd, not verify's store)."""
 
 
 def apply_layer(
-    client: Containerd,
+    client: LayerStore,
     snapshotter: str,
     lease: str,
     parent: str,
@@ -68,11 +74,15 @@ def looks_like_layer(head: bytes, compression: Compression) -> bool:
     return compression is Compression.NONE and head[257:262] == b"ustar"
 
 
+# How often finish() looks at the import's stop while the worker runs.
+JOIN_POLL_S = 0.1
+
+
 class EagerUnpacker:
     """Apply layers in arrival order on a worker thread; best effort."""
 
     def __init__(
-        self, client: Containerd, snapshotter: str, lease: str, stop: threading.Event
+        self, client: LayerStore, snapshotter: str, lease: str, stop: threading.Event
     ) -> None:
         self.client = client
         self.snapshotter = snapshotter
@@ -96,11 +106,18 @@ class EagerUnpacker:
         self._queue.put((Compression.NONE, "", 0))
 
     def finish(self, *, cancel: bool = False) -> None:
-        """Wait for queued work (or abandon it) and end the worker."""
+        """Wait for queued work (or abandon it) and end the worker.
+
+        A layer being applied is cancelled too (``cancel``, or the import's
+        stop while waiting), so this never waits for a big layer to finish.
+        """
         if cancel:
             self._stop.set()
         self._queue.put(None)
-        self._thread.join()
+        while self._thread.is_alive():
+            self._thread.join(JOIN_POLL_S)
+            if self._import_stop.is_set():
+                self._stop.set()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
@@ -134,6 +151,6 @@ class EagerUnpacker:
             media_type,
             digest,
             size,
-            stop=self._import_stop,
+            stop=self._stop,
         )
         self.applied += 1

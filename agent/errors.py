@@ -51,6 +51,12 @@ class ContainerdUnavailable(ContainerdError):
     retryable = True
 
 
+class OutOfSpace(ContainerdError):
+    """containerd's disk is full: try again once space is freed."""
+
+    retryable = True
+
+
 class NotFound(ContainerdError):
     """The object asked for does not exist."""
 

@@ -18,29 +18,33 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from agent._proto.containerd.types import descriptor_pb2
 from agent.archive import layout
 from agent.archive.tarstream import walk
-from agent.containerd.client import Blob
+from agent.containerd.client import Blob, ImageRecord
 from agent.errors import ArchiveError, ContainerdError, NotFound
-from agent.importer import Importer, ImportOptions, ImportResult, ProgressFn
+from agent.importer import Importer, ImportOptions, ImportResult, ImportTarget, ProgressFn
 
 KEEP_SMALL = layout.MAX_JSON
 
 
 class MemoryStore:
-    """The part of the containerd client the importer uses, in memory, without keeping layers."""
+    """The part of the containerd client the importer uses, in memory, without keeping layers.
+
+    It is an :class:`~agent.importer.ImportTarget` (so a ``ContentStore``).
+    """
 
     def __init__(self) -> None:
         self.sizes: dict[str, int] = {}
         self.small: dict[str, bytes] = {}
-        self.images: dict[str, str] = {}
+        self.images: dict[str, ImageRecord] = {}
 
     def create_lease(
         self, expire_after_s: float = 0.0, labels: dict[str, str] | None = None
     ) -> str:
         return "verify"
 
-    def delete_lease(self, lease_id: str) -> None:
+    def delete_lease(self, lease_id: str, *, sync: bool = True) -> None:
         pass
 
     def blob_info(self, digest: str) -> Blob | None:
@@ -85,10 +89,14 @@ class MemoryStore:
     def label_blob(self, digest: str, labels: dict[str, str]) -> None:
         pass
 
+    def get_image(self, name: str) -> ImageRecord | None:
+        return self.images.get(name)
+
     def put_image(
         self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
     ) -> str:
-        self.images[name] = digest
+        target = descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size)
+        self.images[name] = ImageRecord(name, target, dict(labels))
         return "created"
 
     def delete_image(self, name: str) -> None:
@@ -158,8 +166,9 @@ def verify(path: str, progress: ProgressFn | None = None) -> Report:
     """Check ``path``; raises ArchiveError (naming the file) on the first problem."""
     check_members(path)
     store = MemoryStore()
+    target: ImportTarget = store
     importer = Importer(
-        store,  # type: ignore[arg-type]
+        target,
         ImportOptions(unpack=False, platforms=None, pin=False, cri_wait_s=0),
         progress=progress,
     )

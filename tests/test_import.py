@@ -12,6 +12,7 @@ import pytest
 from agent import samples
 from agent.archive import layout
 from agent.containerd import Containerd
+from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX
 from agent.importer import Importer, ImportOptions
 from agent.platforms import Platform
 from agent.sandbox import PrivateContainerd
@@ -417,3 +418,44 @@ def test_import_returns_once_the_cri_lists_the_image(
     # The wait is real: a digest the CRI never saw is reported back after the timeout.
     never = {"docker.io/library/seen:1": "sha256:" + "0" * 64}
     assert client.cri_wait(never, 0.3) == ["docker.io/library/seen:1"]
+
+
+def _sources(client: Containerd, digest: str) -> dict[str, str]:
+    info = client.blob_info(digest)
+    assert info is not None, f"{digest} missing"
+    return {k: v for k, v in info.labels.items() if k.startswith(DISTRIBUTION_SOURCE_PREFIX)}
+
+
+def _image_sources(client: Containerd, name: str) -> list[dict[str, str]]:
+    """Distribution-source labels of the image's manifest, config and layers, in that order."""
+    record = client.get_image(name)
+    assert record is not None, f"no image record {name}"
+    manifest = layout.parse_manifest(
+        client.read_blob(record.target.digest, layout.MAX_JSON), "manifest"
+    )
+    digests = [record.target.digest, manifest.config.digest]
+    digests += [layer.digest for layer in manifest.layers]
+    return [_sources(client, d) for d in digests]
+
+
+def test_distribution_source_labels_match_a_cri_pull(
+    ctd: PrivateContainerd, client: Containerd, registry, node: Platform, tmp_path: Path
+) -> None:
+    """An imported image's content carries the same distribution-source labels as a CRI pull's.
+
+    A node-local mirror (k3s's embedded registry) serves content by these
+    labels; an archive's images must be as servable as pulled ones.
+    """
+    reg = registry()
+    name = f"{reg.host}/team/parity:1"
+    layers = (samples.Layer({"a": b"a" * 2000}, "gzip"), samples.Layer({"b": b"b"}, "gzip"))
+    image = samples.SampleImage(name, (samples.Variant(node, layers),))
+    path = _write(tmp_path / "parity.tar", samples.oci_archive([image]))
+    reg.push(path, "team/parity:1")
+    client.cri_pull(name)
+    pulled = _image_sources(client, name)
+    assert pulled and all(pulled), f"the CRI pull set no distribution-source labels: {pulled}"
+    with Containerd(ctd.address, namespace="imported") as other:
+        Importer(other, ImportOptions(platforms=(node,), cri_wait_s=0)).import_file(str(path))
+        imported = _image_sources(other, name)
+    assert imported == pulled

@@ -1,6 +1,6 @@
 """Keep wanted images present and pinned, pulling through the CRI.
 
-A scheduler thread decides what is due (pure helpers below); a bounded pool
+A scheduler thread decides what is due (pure helpers in status.py); a bounded pool
 of workers checks (CRI ImageStatus) and pulls (CRI PullImage). Digest
 references are done once present; tag references are pulled again every
 refresh interval so a moved tag is followed. Failures back off: transient
@@ -16,100 +16,58 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
-from agent import refs
-from agent.containerd.client import Containerd
-from agent.errors import AgentError, ContainerdError, ContainerdUnavailable
+from agent.containerd.cri import CriImage
+from agent.containerd.labels import PINNED_LABEL, PINNED_VALUE
+from agent.errors import AgentError
 from agent.lists import Entry, Problem
 from agent.pull import auth
+from agent.pull.status import (
+    Failure,
+    PullState,
+    PullStatus,
+    classify,
+    is_digest_ref,
+    retry_delay,
+)
 
-PINNED_LABEL = "io.cri-containerd.pinned"
-
-
-class PullState(StrEnum):
-    PRESENT = "present"
-    PULLING = "pulling"
-    PULLED = "pulled"
-    RETRYING = "retrying"
-    FAILED = "failed"
-    INVALID = "invalid"
-
-
-@dataclass
-class PullStatus:
-    image: str
-    sources: list[str]
-    state: PullState = PullState.PULLING
-    attempts: int = 0
-    last_error: str = ""
-    next_retry_at: float | None = None  # wall clock, for people
-    duration_s: float | None = None
-    image_id: str = ""
-    due: float = 0.0  # monotonic
-    busy: bool = False
-    failures: int = field(default=0, repr=False)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "image": self.image,
-            "state": str(self.state),
-            "source": ", ".join(self.sources),
-            "attempts": self.attempts,
-            "last_error": self.last_error,
-            "next_retry_at": self.next_retry_at,
-            "duration_s": self.duration_s,
-            "image_id": self.image_id,
-        }
+__all__ = [
+    "Failure",
+    "PullClient",
+    "PullState",
+    "PullStatus",
+    "Puller",
+    "classify",
+    "is_digest_ref",
+    "retry_delay",
+]
 
 
-@dataclass(frozen=True)
-class Failure:
-    permanent: bool
-    reason: str
+class PullClient(Protocol):
+    """What the puller needs of containerd: the CRI image service and image labels.
 
-
-def classify(err: AgentError) -> Failure:
-    """Permanent (not found, unauthorized, invalid) or transient, with a short reason."""
-    text = str(err)
-    lowered = text.lower()
-    code = err.code if isinstance(err, ContainerdError) else ""
-    if isinstance(err, ContainerdUnavailable) and "pull" not in lowered:
-        return Failure(False, f"containerd unavailable: {text}")
-    if code == "NOT_FOUND" or ": not found" in lowered or "manifest unknown" in lowered:
-        return Failure(True, f"not found: {text}")
-    # Words, not bare status numbers: "401" also turns up in ports and digests.
-    if any(
-        s in lowered
-        for s in ("unauthorized", "authorization failed", "forbidden", "pull access denied")
-    ):
-        return Failure(True, f"unauthorized: {text}")
-    if code == "INVALID_ARGUMENT" or "invalid reference" in lowered:
-        return Failure(True, f"invalid: {text}")
-    if code == "DEADLINE_EXCEEDED":
-        return Failure(False, f"timeout: {text}")
-    return Failure(False, text)
-
-
-def retry_delay(failures: int, permanent: bool, rng: random.Random) -> float:
-    """Capped exponential backoff with jitter (seconds).
-
-    Transient: 2 s doubling to 5 min. Permanent: 10 min doubling to 6 h.
+    :class:`agent.containerd.Containerd` is one; tests use doubles checked against it.
     """
-    base, cap = (600.0, 6 * 3600.0) if permanent else (2.0, 300.0)
-    delay = min(cap, base * 2.0 ** max(0, failures - 1))
-    return delay * rng.uniform(0.8, 1.2)
 
+    def cri_image_status(self, ref: str) -> CriImage | None: ...
 
-def is_digest_ref(ref: str) -> bool:
-    try:
-        return refs.parse(ref).digest is not None
-    except refs.InvalidReference:
-        return False
+    def cri_pull(
+        self,
+        ref: str,
+        *,
+        username: str = "",
+        password: str = "",
+        server: str = "",
+        identity_token: str = "",
+        timeout: float | None = None,
+    ) -> str: ...
+
+    def label_image(self, name: str, labels: dict[str, str]) -> None: ...
+
+    def unlabel_image(self, name: str, *keys: str) -> None: ...
 
 
 class Puller:
@@ -117,7 +75,7 @@ class Puller:
 
     def __init__(
         self,
-        client: Containerd,
+        client: PullClient,
         *,
         credentials: dict[str, auth.Credentials],
         concurrency: int = 3,
@@ -139,7 +97,12 @@ class Puller:
         self.observe = observe
         self.sources: dict[str, tuple[list[Entry], list[Problem]]] = {}
         self.status: dict[str, PullStatus] = {}
+        # The one lock over all of the puller's state (sources, status).
         self._cond = threading.Condition()
+        # Orders pin and unpin calls to containerd (guards no state): a pin
+        # decided while a list wants an image cannot land after the unpin
+        # that follows the list dropping it.
+        self._labels = threading.Lock()
         self._stop = False
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pull")
         self._thread = threading.Thread(target=self._schedule, name="pull-scheduler", daemon=True)
@@ -228,7 +191,7 @@ class Puller:
                 )
                 for st in due[: max(0, free)]:
                     st.busy = True
-                    self._pool.submit(self._work, st.image)
+                    self._pool.submit(self._work, st.image, st)
                 later = [
                     st.due for st in self.status.values() if not st.busy and now < st.due < math.inf
                 ]
@@ -236,26 +199,48 @@ class Puller:
                 timeout = None if len(due) > free or not later else min(later) - now
                 self._cond.wait(timeout)
 
-    def _work(self, ref: str) -> None:
+    def _work(self, ref: str, st: PullStatus) -> None:
+        """One check-and-pull of ``ref`` on a pool thread; never lets an exception escape.
+
+        ``st`` is the status the scheduler handed out. If a list dropped the
+        image meanwhile (or dropped and added it again, which makes a new
+        status), the outcome is logged and counted but changes nothing.
+        """
         started = time.monotonic()
-        outcome: str
         try:
-            outcome, image_id = self.ensure(ref)
+            outcome, image_id = self._ensure(ref, st)
         except AgentError as err:
-            failure = classify(err)
+            self._failed(ref, st, classify(err))
+        except Exception as err:  # a bug: must not vanish into the pool's Future
+            self.log.exception("pull.crashed", image=ref, error=f"{type(err).__name__}: {err}")
+            self._failed(ref, st, Failure(False, f"internal error: {type(err).__name__}: {err}"))
+        else:
+            self._succeeded(ref, st, outcome, image_id, time.monotonic() - started)
+        finally:
             with self._cond:
-                st = self.status.get(ref)
-                if st is not None:
-                    st.failures += 1
-                    st.attempts += 1
-                    st.last_error = failure.reason
-                    st.state = PullState.FAILED if failure.permanent else PullState.RETRYING
-                    delay = retry_delay(st.failures, failure.permanent, self._rng)
-                    st.due = time.monotonic() + delay
-                    st.next_retry_at = time.time() + delay
-                    st.busy = False
-                    self._cond.notify_all()
-            self.observe("failed" if failure.permanent else "retrying", None)
+                st.busy = False
+                self._cond.notify_all()
+            self._changed()
+
+    def _changed(self) -> None:
+        try:
+            self.on_change()
+        except Exception as err:
+            self.log.exception("pull.on_change_failed", error=f"{type(err).__name__}: {err}")
+
+    def _failed(self, ref: str, st: PullStatus, failure: Failure) -> None:
+        with self._cond:
+            current = self.status.get(ref) is st
+            if current:
+                st.failures += 1
+                st.attempts += 1
+                st.last_error = failure.reason
+                st.state = PullState.FAILED if failure.permanent else PullState.RETRYING
+                delay = retry_delay(st.failures, failure.permanent, self._rng)
+                st.due = time.monotonic() + delay
+                st.next_retry_at = time.time() + delay
+        self.observe("failed" if failure.permanent else "retrying", None)
+        if current:
             self.log.warning(
                 "pull.failed",
                 image=ref,
@@ -264,42 +249,54 @@ class Puller:
                 retry_in_s=round(delay, 1),
             )
         else:
-            seconds = time.monotonic() - started
-            with self._cond:
-                st = self.status.get(ref)
-                if st is not None:
-                    st.state = PullState(outcome)
-                    st.image_id = image_id
-                    st.failures = 0
-                    st.last_error = ""
-                    st.next_retry_at = None
-                    if outcome == PullState.PULLED:
-                        st.attempts += 1
-                        st.duration_s = round(seconds, 3)
-                    st.due = math.inf if is_digest_ref(ref) else time.monotonic() + self.refresh_s
-                    st.busy = False
-                    self._cond.notify_all()
-            self.observe(outcome, seconds if outcome == PullState.PULLED else None)
-            if outcome == PullState.PULLED:
-                self.log.info("pull.done", image=ref, digest=image_id, duration_s=round(seconds, 3))
-        self.on_change()
+            self.log.warning(
+                "pull.failed",
+                image=ref,
+                error=failure.reason,
+                permanent=failure.permanent,
+                dropped=True,
+            )
+
+    def _succeeded(
+        self, ref: str, st: PullStatus, outcome: str, image_id: str, seconds: float
+    ) -> None:
+        with self._cond:
+            if self.status.get(ref) is st:
+                st.state = PullState(outcome)
+                st.image_id = image_id
+                st.failures = 0
+                st.last_error = ""
+                st.next_retry_at = None
+                if outcome == PullState.PULLED:
+                    st.attempts += 1
+                    st.duration_s = round(seconds, 3)
+                st.due = math.inf if is_digest_ref(ref) else time.monotonic() + self.refresh_s
+        self.observe(outcome, seconds if outcome == PullState.PULLED else None)
+        if outcome == PullState.PULLED:
+            self.log.info("pull.done", image=ref, digest=image_id, duration_s=round(seconds, 3))
 
     # -- one image ------------------------------------------------------------------
 
     def ensure(self, ref: str) -> tuple[str, str]:
         """Make ``ref`` present and pinned; returns (``present``|``pulled``, image id).
 
+        For ``image-agent pull``: pins whether or not a list wants ``ref``.
+        """
+        return self._ensure(ref, None)
+
+    def _ensure(self, ref: str, st: PullStatus | None) -> tuple[str, str]:
+        """Make ``ref`` present and pinned (with ``st``: only while a list still wants it).
+
         A present digest reference is done. A present tag is pulled again only
         when it was seen before (a refresh), to follow a moved tag.
         """
         with self._cond:
-            st = self.status.get(ref)
             refreshing = st is not None and st.state in (PullState.PRESENT, PullState.PULLED)
-            if st is not None and not refreshing:
+            if st is not None and not refreshing and self.status.get(ref) is st:
                 st.state = PullState.PULLING
         current = self.client.cri_image_status(ref)
         if current is not None and (is_digest_ref(ref) or not refreshing):
-            self._pin(ref)
+            self._pin(ref, st)
             return str(PullState.PRESENT), current.id
         creds = auth.for_ref(self.credentials, ref)
         self.log.info(
@@ -312,20 +309,32 @@ class Puller:
             identity_token=creds.identity_token if creds else "",
             timeout=self.timeout_s,
         )
-        self._pin(ref)
+        self._pin(ref, st)
         if current is not None and current.id == image_id:
             return str(PullState.PRESENT), image_id
         return str(PullState.PULLED), image_id
 
-    def _pin(self, ref: str) -> None:
-        self.client.label_image(ref, {PINNED_LABEL: "pinned"})
+    def _pin(self, ref: str, st: PullStatus | None) -> None:
+        """Pin ``ref``; with ``st``, only if it is still the wanted status (decided and done
+        under the label lock, so an unpin for a list that dropped it cannot come first)."""
+        with self._labels:
+            if st is not None:
+                with self._cond:
+                    if self.status.get(ref) is not st:
+                        self.log.info("pull.dropped", image=ref)
+                        return
+            self.client.label_image(ref, {PINNED_LABEL: PINNED_VALUE})
 
     def _unpin(self, ref: str) -> None:
         """No list wants ``ref`` any more: let kubelet GC have it (unless an archive holds it)."""
-        if ref in self.protected():
-            return
-        try:
-            self.client.unlabel_image(ref, PINNED_LABEL)
-            self.log.info("image.unpinned", image=ref)
-        except AgentError as err:
-            self.log.warning("image.unpin_failed", image=ref, error=str(err))
+        with self._labels:
+            with self._cond:
+                if ref in self.status:
+                    return  # wanted again meanwhile
+            if ref in self.protected():
+                return
+            try:
+                self.client.unlabel_image(ref, PINNED_LABEL)
+                self.log.info("image.unpinned", image=ref)
+            except AgentError as err:
+                self.log.warning("image.unpin_failed", image=ref, error=str(err))

@@ -1,0 +1,196 @@
+"""The puller's interleavings with a list change, against a CRI double (no containerd).
+
+The double is type-checked against :class:`agent.pull.engine.PullClient`,
+the protocol the real :class:`agent.containerd.Containerd` satisfies. Each
+test holds a pull inside ``cri_pull`` until the list has changed, so the
+interleaving is the one named, every time; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from agent.containerd.cri import CriImage
+from agent.containerd.labels import PINNED_LABEL
+from agent.errors import ContainerdError
+from agent.lists import Entry
+from agent.pull.engine import PullClient, Puller, PullState
+
+REF = "registry.example:5000/team/app:1"
+WAIT_S = 10.0
+
+
+class HeldCri:
+    """A CRI whose pull waits for the test's go-ahead, then succeeds or fails as told."""
+
+    def __init__(self, outcome: BaseException | None = None) -> None:
+        self.outcome = outcome
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.pinned: dict[str, bool] = {}
+        self.pulled: list[str] = []
+
+    def cri_image_status(self, ref: str) -> CriImage | None:
+        return None
+
+    def cri_pull(
+        self,
+        ref: str,
+        *,
+        username: str = "",
+        password: str = "",
+        server: str = "",
+        identity_token: str = "",
+        timeout: float | None = None,
+    ) -> str:
+        self.entered.set()
+        assert self.release.wait(WAIT_S), "the test never released the pull"
+        if self.outcome is not None:
+            raise self.outcome
+        self.pulled.append(ref)
+        return "sha256:" + "1" * 64
+
+    def label_image(self, name: str, labels: dict[str, str]) -> None:
+        if labels.get(PINNED_LABEL) == "pinned":
+            self.pinned[name] = True
+
+    def unlabel_image(self, name: str, *keys: str) -> None:
+        if PINNED_LABEL in keys:
+            self.pinned[name] = False
+
+
+class Changes:
+    """Counts on_change calls; waits for the next one with a deadline."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._cond = threading.Condition()
+
+    def __call__(self) -> None:
+        with self._cond:
+            self.count += 1
+            self._cond.notify_all()
+
+    def wait_for(self, count: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.count >= count, WAIT_S), (
+                f"on_change called {self.count} times, expected {count}"
+            )
+
+
+@pytest.fixture
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    with capture_logs() as captured:
+        yield captured
+
+
+def _puller(cri: PullClient, changes: Changes) -> Puller:
+    return Puller(cri, credentials={}, concurrency=2, log=structlog.get_logger(), on_change=changes)
+
+
+def _entry() -> Entry:
+    return Entry(REF, "list.txt", 1)
+
+
+def test_pull_that_succeeds_after_the_list_dropped_it_does_not_pin(
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """A pull finishing after set_source unpinned the image leaves it unpinned."""
+    cri = HeldCri()
+    changes = Changes()
+    puller = _puller(cri, changes)
+    puller.start()
+    try:
+        puller.set_source("list.txt", [_entry()], [])  # on_change 1
+        assert cri.entered.wait(WAIT_S)
+        puller.set_source("list.txt", [], [])  # unpins; on_change 2
+        assert cri.pinned.get(REF) is False
+        cri.release.set()
+        changes.wait_for(3)  # the worker's own
+    finally:
+        puller.stop()
+    assert cri.pulled == [REF]
+    assert cri.pinned[REF] is False
+    assert puller.snapshot() == []
+    assert any(e["event"] == "pull.dropped" for e in logs)
+
+
+def test_pull_that_fails_after_the_list_dropped_it_is_logged(
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """A pull failing after the list dropped the image is logged and calls on_change."""
+    cri = HeldCri(ContainerdError("pull x: registry unreachable", code="UNKNOWN"))
+    changes = Changes()
+    puller = _puller(cri, changes)
+    puller.start()
+    try:
+        puller.set_source("list.txt", [_entry()], [])
+        assert cri.entered.wait(WAIT_S)
+        puller.set_source("list.txt", [], [])
+        cri.release.set()
+        changes.wait_for(3)
+    finally:
+        puller.stop()
+    failed = [e for e in logs if e["event"] == "pull.failed"]
+    assert len(failed) == 1 and failed[0]["image"] == REF and failed[0]["dropped"] is True
+    assert not any(e["event"] == "pull.crashed" for e in logs)
+    assert REF not in cri.pinned or cri.pinned[REF] is False
+
+
+def test_pull_that_fails_while_wanted_retries_later(logs: list[MutableMapping[str, Any]]) -> None:
+    """A failing pull of a wanted image is RETRYING with a delay, logged once, on_change called."""
+    cri = HeldCri(ContainerdError("pull x: registry unreachable", code="UNKNOWN"))
+    cri.release.set()
+    changes = Changes()
+    puller = _puller(cri, changes)
+    puller.start()
+    try:
+        puller.set_source("list.txt", [_entry()], [])
+        changes.wait_for(2)
+    finally:
+        puller.stop()
+    (row,) = puller.snapshot()
+    assert row["state"] == str(PullState.RETRYING) and row["next_retry_at"] is not None
+    failed = [e for e in logs if e["event"] == "pull.failed"]
+    assert len(failed) == 1 and failed[0]["retry_in_s"] > 0
+
+
+def test_unexpected_exception_is_logged_not_lost(logs: list[MutableMapping[str, Any]]) -> None:
+    """A bug inside a pull (not an AgentError) is logged with its traceback and calls on_change."""
+    cri = HeldCri(RuntimeError("boom"))
+    cri.release.set()
+    changes = Changes()
+    puller = _puller(cri, changes)
+    puller.start()
+    try:
+        puller.set_source("list.txt", [_entry()], [])
+        changes.wait_for(2)
+    finally:
+        puller.stop()
+    crashed = [e for e in logs if e["event"] == "pull.crashed"]
+    assert len(crashed) == 1 and "boom" in crashed[0]["error"]
+    (row,) = puller.snapshot()
+    assert row["state"] == str(PullState.RETRYING)
+
+
+def test_pull_that_succeeds_while_wanted_pins() -> None:
+    """The ordinary case: a wanted image is pulled and pinned."""
+    cri = HeldCri()
+    cri.release.set()
+    changes = Changes()
+    puller = _puller(cri, changes)
+    puller.start()
+    try:
+        puller.set_source("list.txt", [_entry()], [])
+        changes.wait_for(2)
+    finally:
+        puller.stop()
+    assert cri.pinned == {REF: True}
+    (row,) = puller.snapshot()
+    assert row["state"] == str(PullState.PULLED)
