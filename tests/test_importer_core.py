@@ -6,6 +6,7 @@ real-containerd tests in test_import.py, which stay.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 from agent import samples
-from agent.archive import layout
+from agent.archive import layout, limits
 from agent.archive.compression import Compression
 from agent.containerd.content import Blob
 from agent.containerd.images import ImageRecord
@@ -170,9 +171,15 @@ def test_stop_while_resolving_a_huge_manifest() -> None:
     stop = threading.Event()
     blobs = _SlowBlobs(files, stop, after=100)
     reader: BlobReader = blobs
+    # The default count limit refuses such a manifest outright; a site that
+    # raised it (--max-archive-images) must still be able to stop.
+    previous = limits.configure(dataclasses.replace(limits.current(), max_manifests=50_000))
     started = time.monotonic()
-    with pytest.raises(Cancelled):
-        resolve(docs, reader, OPTIONS, stop)
+    try:
+        with pytest.raises(Cancelled):
+            resolve(docs, reader, OPTIONS, stop)
+    finally:
+        limits.configure(previous)
     assert blobs.reads <= 101
     assert time.monotonic() - started < 2
 
