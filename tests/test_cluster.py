@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import ssl
@@ -27,13 +28,18 @@ pytestmark = pytest.mark.containerd
 class FixtureServer:
     """Serves Che-shaped JSON/YAML (and lists) from a dict; paths can be made to fail."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], basic_auth: str = "") -> None:
         self.files = files
         self.failing: set[str] = set()
         outer = self
+        wanted = "Basic " + base64.b64encode(basic_auth.encode()).decode() if basic_auth else ""
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if wanted and self.headers.get("Authorization") != wanted:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
                 if self.path in outer.failing or self.path not in outer.files:
                     self.send_response(500 if self.path in outer.failing else 404)
                     self.end_headers()
@@ -288,12 +294,16 @@ def test_auth_and_bad_bodies(cluster, tmp_path: Path) -> None:
     assert c.get("/v1/images")[0] == 401
     assert c.put("/v1/nodes/n1/status", b"{not json", token="s3cret") == 400
     assert c.put("/v1/nodes/n1/status", b'{"pulls": "x"}', token="s3cret") == 400
-    assert c.put("/v1/nodes/n1/status", b"[" + b" " * (2 << 20) + b"]", token="s3cret") == 413
+    assert c.put("/v1/nodes/n1/status", b"[" + b" " * (5 << 20) + b"]", token="s3cret") == 413
     view = json.loads(c.get("/v1/status", {"Authorization": "Bearer s3cret"})[2])
     assert view["nodes"] == {}
     assert c.put("/v1/nodes/n1/status", good, token="s3cret") == 204
-    view = json.loads(c.get("/v1/status", {"Authorization": "Bearer s3cret"})[2])
-    assert view["summary"]["complete"] == 1
+
+    def complete() -> int:
+        view = json.loads(c.get("/v1/status", {"Authorization": "Bearer s3cret"})[2])
+        return int(view["summary"]["complete"])
+
+    wait_for(lambda: complete() == 1, 10, "the view to show the report")
 
 
 def test_agents_converge_and_show_in_cluster_status(
@@ -357,7 +367,7 @@ def test_agents_converge_and_show_in_cluster_status(
     assert "2/2 nodes complete" in table
     for a in agents:
         cached = json.loads((a.state / "cluster-list.json").read_text())
-        assert cached["list"] == ref + "\n"
+        assert cached["images"] == [ref]
 
 
 def test_tls(cluster, tmp_path: Path) -> None:

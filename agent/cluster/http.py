@@ -28,7 +28,6 @@ import math
 import resource
 import ssl
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +35,6 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -112,30 +110,67 @@ class _Refuse(asyncio.Protocol):
         transport.abort()  # type: ignore[attr-defined]
 
 
+class _Tracked(asyncio.Protocol):
+    """Relays to aiohttp's protocol and keeps the connection's place in :class:`ConnectionLimit`."""
+
+    def __init__(self, inner: asyncio.Protocol, owner: ConnectionLimit) -> None:
+        self.inner = inner
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.owner.live[self] = None
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.live.pop(self, None)
+        self.owner.evicted.discard(self)
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
 class ConnectionLimit:
-    """The protocol factory: at most ``limit`` connections; idle ones make room for new ones."""
+    """The protocol factory: at most ``limit`` connections; idle ones make room for new ones.
+
+    At the cap, the oldest connection that is not inside a request (half-sent
+    headers, or idle keep-alive) is closed; if every connection is inside a
+    request, the new one is refused.
+    """
 
     def __init__(self, server: web.Server, limit: int, busy: set[object], log: Log) -> None:
         self.server = server
         self.limit = limit
         self.busy = busy
-        self.evicted: weakref.WeakSet[RequestHandler] = weakref.WeakSet()
+        self.live: dict[_Tracked, None] = {}  # in order of arrival
+        self.evicted: set[_Tracked] = set()
         self.log_evicted = Throttled(log, "connections.evicted")
         self.log_refused = Throttled(log, "connections.refused")
 
     def __call__(self) -> asyncio.BaseProtocol:
-        connections = self.server.connections
-        if len(connections) - len(self.evicted) >= self.limit:
-            for handler in connections:
-                if handler not in self.busy and handler not in self.evicted:
-                    self.evicted.add(handler)
-                    handler.force_close()
+        if len(self.live) - len(self.evicted) >= self.limit:
+            for conn in self.live:
+                if conn.inner not in self.busy and conn not in self.evicted:
+                    self.evicted.add(conn)
+                    if conn.transport is not None:
+                        conn.transport.abort()
                     self.log_evicted(limit=self.limit)
                     break
             else:
                 self.log_refused(limit=self.limit)
                 return _Refuse()
-        return self.server()
+        return _Tracked(self.server(), self)
 
 
 def raise_file_limit(wanted: int) -> int:
@@ -216,9 +251,11 @@ class Server:
 
     async def view_builder(self) -> None:
         """Build the status view off the loop, once per change (at most once a second)."""
+        # Staleness moves with the clock: build again now and then without a change too.
+        every = min(VIEW_REFRESH_S, max(VIEW_MIN_INTERVAL_S, self.options.stale_after / 4))
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(VIEW_REFRESH_S):  # staleness moves with the clock
+                async with asyncio.timeout(every):
                     await self._view_dirty.wait()
             self._view_dirty.clear()
             snap = self.state.snapshot()
@@ -338,11 +375,11 @@ class Server:
         name = request.match_info["name"]
         if not schema.valid_node_name(name):
             return _error(400, "node name: not a DNS-1123 name of at most 253 characters")
-        if not self.options.credentials.may_write(self._token(request), name):
-            return self._deny(
-                403 if self._token(request) else 401,
-                f"this credential may not write the report of {name}",
-            )
+        creds, token = self.options.credentials, self._token(request)
+        if not creds.may_write(token, name):
+            if creds.is_shared(token):  # known, but not allowed to write
+                return self._deny(403, "the shared token is for reads; use the node's token")
+            return self._deny(401, f"a valid token for node {name} is required")
         limit = schema.MAX_REPORT_BYTES
         if request.content_length is not None and request.content_length > limit:
             return _error(413, f"report is larger than {limit} bytes")

@@ -43,6 +43,13 @@ def _problem(description: str) -> dict[str, Any]:
     return _json("Problem", description)
 
 
+def _bad_request(description: str) -> dict[str, Any]:
+    """400: our own answers are JSON; the HTTP parser's (a request line too long) plain text."""
+    doc = _json("Problem", description)
+    doc["content"]["text/plain"] = {"schema": {"type": "string"}}
+    return doc
+
+
 NODE = {
     "type": "string",
     "maxLength": schema.NODE_NAME_MAX,
@@ -101,7 +108,7 @@ def document() -> dict[str, Any]:
                             },
                         },
                         "304": {"description": "the list has not changed"},
-                        "400": _problem("a malformed parameter"),
+                        "400": _bad_request("a malformed parameter"),
                         **AUTH,
                     },
                 }
@@ -122,7 +129,7 @@ def document() -> dict[str, Any]:
                     },
                     "responses": {
                         "204": {"description": "stored"},
-                        "400": _problem("the report or the name is invalid; names the field"),
+                        "400": _bad_request("the report or the name is invalid; names the field"),
                         "401": _problem("no valid bearer token"),
                         "403": _problem("the token may not write this node's report"),
                         "408": _problem("the body did not arrive in time"),
