@@ -24,12 +24,13 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
+from multidict import CIMultiDict
 
 from agent import lists
 from agent.cluster import schema
@@ -81,8 +82,9 @@ class ClusterClient:
         headers: dict[str, str] | None = None,
         timeout: float | None = None,
         limit: int = schema.MAX_LIST_BYTES,
-    ) -> tuple[int, dict[str, str], bytes]:
-        """(status, headers, whole body); ClusterError on any failure, short bodies included."""
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """(status, headers (case-insensitive), whole body); ClusterError on any failure,
+        short bodies included."""
         assert self._session is not None, "use the client as an async context manager"
         all_headers = dict(headers or {})
         if self.token:
@@ -99,7 +101,7 @@ class ClusterClient:
                         raise ClusterError(f"{self.url}{path}: answer larger than {limit} bytes")
                     if not resp.content.at_eof():
                         await resp.content.read()
-                    return resp.status, dict(resp.headers), data
+                    return resp.status, CIMultiDict(resp.headers), data
         except TimeoutError:
             raise ClusterError(f"{self.url}{path}: no answer in time") from None
         except aiohttp.ClientPayloadError:
@@ -161,6 +163,16 @@ class ClusterClient:
                 return await self.get_json(path)
 
         return asyncio.run(once())
+
+
+def _reason(err: Exception) -> str:
+    """One stable line: the same failure twice gives the same text (temp names left out)."""
+    if isinstance(err, AgentError):
+        return str(err)
+    if isinstance(err, OSError) and err.strerror:
+        where = err.filename2 or err.filename
+        return f"{err.strerror}: {where}" if where else err.strerror
+    return f"{type(err).__name__}: {err}"
 
 
 def _clip(text: str) -> str:
@@ -274,9 +286,11 @@ class ClusterSync:
             except asyncio.CancelledError:
                 raise
             except Exception as err:  # nothing ends this loop but stop()
-                why = str(err) if isinstance(err, AgentError) else f"{type(err).__name__}: {err}"
+                why = _reason(err)
                 if why != failing:
-                    self.log.warning(event, url=self.client.url, error=why[:300])
+                    # Unreachable or refused; anything else (a full disk) is this node's trouble.
+                    name = event if isinstance(err, ClusterError) else "cluster.sync_failed"
+                    self.log.warning(name, url=self.client.url, error=why[:300], task=event)
                 failing = why
                 delay = backoff
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
