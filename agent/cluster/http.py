@@ -203,8 +203,14 @@ class Server:
         self.died: dict[str, str] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._view: bytes | None = None
+        self._view_at = -math.inf  # monotonic time the copy was built
         self._view_ready = asyncio.Event()
-        self._view_dirty = asyncio.Event()
+        self._view_wanted = asyncio.Event()
+        self._view_dirty = True
+        # Staleness moves with the clock: a copy this old is built again even without a change.
+        self._view_max_age = min(
+            VIEW_REFRESH_S, max(VIEW_MIN_INTERVAL_S, self.options.stale_after / 4)
+        )
         self._openapi = json.dumps(openapi.document()).encode()
         self.registry = CollectorRegistry()
         self.m_requests = Counter(
@@ -242,7 +248,7 @@ class Server:
             )
             self.changed.set()
             self.changed = asyncio.Event()
-            self._view_dirty.set()
+            self._view_dirty = True
 
     async def refresher(self, fetcher: Fetcher) -> None:
         while True:
@@ -250,20 +256,24 @@ class Server:
             await self.refresh(fetcher)
 
     async def view_builder(self) -> None:
-        """Build the status view off the loop, once per change (at most once a second)."""
-        # Staleness moves with the clock: build again now and then without a change too.
-        every = min(VIEW_REFRESH_S, max(VIEW_MIN_INTERVAL_S, self.options.stale_after / 4))
+        """Build the status view off the loop when it is asked for and something changed.
+
+        Builds are at least ``VIEW_MIN_INTERVAL_S`` and twice the last build's
+        time apart, so a client asking in a loop cannot keep a core busy.
+        """
         while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(every):
-                    await self._view_dirty.wait()
-            self._view_dirty.clear()
+            await self._view_wanted.wait()
+            self._view_wanted.clear()
+            self._view_dirty = False
+            started = time.monotonic()
             snap = self.state.snapshot()
             self._view, _ = await asyncio.to_thread(
                 render_view, snap, time.time(), self.options.stale_after
             )
+            self._view_at = time.monotonic()
             self._view_ready.set()
-            await asyncio.sleep(VIEW_MIN_INTERVAL_S)
+            took = self._view_at - started
+            await asyncio.sleep(max(VIEW_MIN_INTERVAL_S, 2 * took))
 
     async def expiry(self) -> None:
         """Nodes unseen for ``forget_after`` leave the view."""
@@ -273,7 +283,7 @@ class Server:
             gone = self.state.forget_older_than(time.time() - self.options.forget_after)
             if gone:
                 self.m_nodes.set(len(self.state.nodes))
-                self._view_dirty.set()
+                self._view_dirty = True
                 self.log.info("nodes.forgotten", nodes=len(gone), first=gone[0])
 
     def supervise(self, name: str, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -398,12 +408,14 @@ class Server:
             return _error(400, f"node: {report.node!r} does not match the name in the path")
         self.state.record(name, report, time.time())
         self.m_nodes.set(len(self.state.nodes))
-        self._view_dirty.set()
+        self._view_dirty = True
         return web.Response(status=204)
 
     async def status(self, request: web.Request) -> web.Response:
         if not self._may_read(request):
             return self._deny()
+        if self._view_dirty or time.monotonic() - self._view_at > self._view_max_age:
+            self._view_wanted.set()  # served from the last copy meanwhile
         if self._view is None:
             try:
                 async with asyncio.timeout(30):
