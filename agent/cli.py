@@ -680,6 +680,11 @@ def _cluster_sync(
             f"--node-name / NODE_NAME {node!r}: not a DNS-1123 name (lower-case letters, "
             "digits, '-' and '.', at most 253 characters)"
         )
+    if ccfg.cluster_ca_file:
+        try:
+            ssl.create_default_context(cafile=ccfg.cluster_ca_file)
+        except (OSError, ssl.SSLError) as err:
+            raise UsageError(f"--cluster-ca-file {ccfg.cluster_ca_file}: {err}") from None
     if ccfg.min_poll_s <= 0:
         raise UsageError("--cluster-min-poll: want a positive duration")
 
@@ -695,7 +700,11 @@ def _cluster_sync(
         return {"archives": archives, "pulls": pulls}
 
     return ClusterSync(
-        ClusterClient(ccfg.cluster_url, _read_token(ccfg.cluster_token_file)),
+        ClusterClient(
+            ccfg.cluster_url,
+            _read_token(ccfg.cluster_token_file),
+            ca_file=ccfg.cluster_ca_file,
+        ),
         node=node,
         labels=_labels(ccfg.node_labels),
         state_dir=state_dir,

@@ -151,7 +151,13 @@ class ClusterAgentConfig:
         "",
         flag="--cluster-token-file",
         env="IMAGE_AGENT_CLUSTER_TOKEN_FILE",
-        help="file holding the bearer token for the cluster component",
+        help="file holding this node's token (image-agent cluster token NODE) or the shared one",
+    )
+    cluster_ca_file: str = setting(
+        "",
+        flag="--cluster-ca-file",
+        env="IMAGE_AGENT_CLUSTER_CA_FILE",
+        help="CA certificate(s) to trust for an https --cluster-url (default: the system's)",
     )
     node_name: str = setting(
         "", flag="--node-name", env="NODE_NAME", help="this node's name (default: hostname)"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 import threading
 import time
 import urllib.parse
@@ -55,16 +56,20 @@ class ClusterError(AgentError):
 class ClusterClient:
     """HTTP calls to ``image-agent cluster serve`` (aiohttp; call from one event loop)."""
 
-    def __init__(self, url: str, token: str = "", timeout: float = 10.0) -> None:
+    def __init__(
+        self, url: str, token: str = "", timeout: float = 10.0, *, ca_file: str = ""
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.ca_file = ca_file
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> ClusterClient:
+        context = ssl.create_default_context(cafile=self.ca_file or None)
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout),
-            connector=aiohttp.TCPConnector(limit=4),
+            connector=aiohttp.TCPConnector(limit=4, ssl=context),
         )
         return self
 
