@@ -1,8 +1,9 @@
 """``image-agent cluster serve``: the HTTP side (aiohttp, one event loop).
 
 Nothing slow runs on the loop: sources are fetched asynchronously, the
-node x image view is built in a worker thread once per change and served as
-ready bytes. Hostile or broken clients cannot take the server down:
+node x image view is built in a worker thread (when asked for after a
+change, paced by its own cost) and served as ready bytes. Hostile or
+broken clients cannot take the server down:
 
 - connections are capped (below the file limit); at the cap, the oldest
   connection that is not in a request is closed to make room;
