@@ -272,7 +272,7 @@ def test_ended_task_fails_healthz_and_is_logged_once() -> None:
 def test_cluster_view_groups_and_marks_stale() -> None:
     """The view: present, failed (with reason), missing and stale nodes per image, and the summary."""
     from agent.cluster import schema
-    from agent.cluster.state import State, cluster_view, summary_line
+    from agent.cluster.state import State, cluster_view, render_view, summary_line
 
     state = State(order=["l"])
     state.contribute(Contribution("l", tuple(sources.plain_list("a:1\nb:1\n", "l").entries)))
@@ -293,6 +293,10 @@ def test_cluster_view_groups_and_marks_stale() -> None:
     assert view["images"][b]["missing"] == ["n2"]
     assert view["images"][a]["stale"] == ["n3"]
     schema.StatusView.model_validate(view)
+    assert json.loads(render_view(state.snapshot(), 1001, 900)) == {
+        **view,
+        "summary": {**view["summary"], "built_at": 1001},
+    }
     assert summary_line(view).startswith("1/3 nodes complete")
     assert state.forget_older_than(500) == ["n3"]
 

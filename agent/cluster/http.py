@@ -268,7 +268,7 @@ class Server:
             self._view_dirty = False
             started = time.monotonic()
             snap = self.state.snapshot()
-            self._view, _ = await asyncio.to_thread(
+            self._view = await asyncio.to_thread(
                 render_view, snap, time.time(), self.options.stale_after
             )
             self._view_at = time.monotonic()

@@ -8,7 +8,6 @@ in a worker thread.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from collections.abc import Mapping
@@ -192,14 +191,29 @@ def cluster_view(snap: Snapshot, now: float, stale_after: float) -> dict[str, An
     }
 
 
-def render_view(snap: Snapshot, now: float, stale_after: float) -> tuple[bytes, str]:
-    """The view as JSON bytes, and its one-line summary (both built in a worker thread)."""
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def render_view(snap: Snapshot, now: float, stale_after: float) -> bytes:
+    """The view as JSON bytes (run in a worker thread).
+
+    Serialized piece by piece: one ``json.dumps`` of the whole view would
+    hold the interpreter lock for the whole document (megabytes with 10,000
+    nodes) and stall the event loop meanwhile.
+    """
     view = cluster_view(snap, now, stale_after)
-    return json.dumps(view, separators=(",", ":")).encode(), summary_line(view)
-
-
-def view_etag(body: bytes) -> str:
-    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+    parts = ['{"summary":', _dumps(view["summary"]), ',"images":{']
+    parts.append(",".join(f"{_dumps(k)}:{_dumps(v)}" for k, v in view["images"].items()))
+    parts.append('},"nodes":{')
+    nodes = list(view["nodes"].items())
+    for start in range(0, len(nodes), 200):
+        if start:
+            parts.append(",")
+        chunk = nodes[start : start + 200]
+        parts.append(",".join(f"{_dumps(k)}:{_dumps(v)}" for k, v in chunk))
+    parts.append("}}")
+    return "".join(parts).encode()
 
 
 def summary_line(view: Mapping[str, Any]) -> str:
