@@ -121,7 +121,6 @@ class _Tracked(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        self.owner.live[self] = None
         self.inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -154,7 +153,7 @@ class ConnectionLimit:
         self.server = server
         self.limit = limit
         self.busy = busy
-        self.live: dict[_Tracked, None] = {}  # in order of arrival
+        self.live: dict[_Tracked, None] = {}  # in order of acceptance
         self.evicted: set[_Tracked] = set()
         self.log_evicted = Throttled(log, "connections.evicted")
         self.log_refused = Throttled(log, "connections.refused")
@@ -162,6 +161,8 @@ class ConnectionLimit:
     def __call__(self) -> asyncio.BaseProtocol:
         if len(self.live) - len(self.evicted) >= self.limit:
             for conn in self.live:
+                if conn.transport is None:
+                    continue  # accepted in this batch, not made yet
                 if conn.inner not in self.busy and conn not in self.evicted:
                     self.evicted.add(conn)
                     if conn.transport is not None:
@@ -171,7 +172,11 @@ class ConnectionLimit:
             else:
                 self.log_refused(limit=self.limit)
                 return _Refuse()
-        return _Tracked(self.server(), self)
+        # Counted from here, not from connection_made: asyncio accepts a whole
+        # batch (up to the backlog) before any of them is made.
+        conn = _Tracked(self.server(), self)
+        self.live[conn] = None
+        return conn
 
 
 def raise_file_limit(wanted: int) -> int:
