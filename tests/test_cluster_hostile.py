@@ -477,3 +477,38 @@ def test_fuzzed_from_openapi(cluster, tmp_path: Path) -> None:
     assert cases and cases.group(1) == cases.group(2) and int(cases.group(1)) >= 100, tail
     print(f"schemathesis: {cases.group(0)}")
     assert b"Traceback" not in c.log.read_bytes()
+
+
+def test_agent_cluster_flags_are_one_line_errors(tmp_path: Path) -> None:
+    """run: a node name that is no DNS-1123 name, a zero minimum poll and a missing CA file stop it at start with one line."""
+    for args in (
+        ["--node-name", "Bad_Name"],
+        ["--node-name", "ok", "--cluster-min-poll", "0"],
+        ["--node-name", "ok", "--cluster-ca-file", str(tmp_path / "absent.pem")],
+    ):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                "--images-dir",
+                str(tmp_path / "images"),
+                "--state-dir",
+                str(tmp_path / "state"),
+                "--listen",
+                "127.0.0.1:0",
+                "--address",
+                str(tmp_path / "none.sock"),
+                "--cluster-url",
+                "http://127.0.0.1:1",
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("image-agent: "), (args, proc.stderr)
