@@ -525,6 +525,8 @@ async def serve(
             host.strip("[]") or "0.0.0.0",
             int(port),
             ssl=context,
+            # A TLS handshake counts as part of the request headers' time.
+            ssl_handshake_timeout=options.header_timeout if context else None,
             backlog=BACKLOG,
             reuse_address=True,
         )
