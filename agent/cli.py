@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import ssl
 import sys
 import tempfile
 import threading
@@ -126,34 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     cluster = sub.add_parser("cluster", help="the cluster component: one list for every node")
     csub = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
     serve = csub.add_parser("serve", help="assemble the list from sources and serve it")
-    serve.add_argument("--listen", default="0.0.0.0:8080", help="HOST:PORT (default 0.0.0.0:8080)")
-    for kind, helptext in (
-        ("images", "Image Puller IMAGES string, or @FILE"),
-        ("cr", "KubernetesImagePuller resource, a YAML file"),
-        ("list", "list file or URL (one image a line, external_images.txt)"),
-        ("che", "Che base URL (dashboard editors and air-gap samples)"),
-        ("env", "file of RELATED_IMAGE_* variables"),
-    ):
-        serve.add_argument(
-            f"--source-{kind}",
-            action="append",
-            default=[],
-            metavar="VALUE",
-            help=f"{helptext}; append ';node-selector=k=v,...' to limit it (repeatable)",
-        )
-    serve.add_argument("--source-interval", default="60", help="re-read URLs this often [s]")
-    serve.add_argument(
-        "--rewrite",
-        action="append",
-        default=[],
-        metavar="FROM=TO",
-        help="map a registry onto a mirror (repeatable)",
+    config.add_arguments(serve, config.ClusterServeConfig)
+    config.add_arguments(serve, config.LogConfig)
+    token = csub.add_parser(
+        "token", help="print the token of node NODE (HMAC of the node secret and the name)"
     )
-    serve.add_argument("--token-file", default="", help="bearer token required for writes")
-    serve.add_argument("--auth-reads", action="store_true", help="require the token for reads too")
-    serve.add_argument("--tls-cert", default="", help="serve HTTPS with this certificate")
-    serve.add_argument("--tls-key", default="", help="and this key")
-    serve.add_argument("--log-level", default="info")
+    token.add_argument("node", metavar="NODE", help="the node's name, as it reports it")
+    token.add_argument(
+        "--node-secret-file",
+        default=None,
+        help="the server's node secret (env IMAGE_AGENT_CLUSTER_NODE_SECRET_FILE)",
+    )
     for name, helptext in (
         ("status", "node x image view with a summary"),
         ("images", "the assembled list with provenance and the report"),
@@ -678,17 +662,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _read_token(path: str) -> str:
+def _read_token(path: str, what: str = "token") -> str:
     if not path:
         return ""
     try:
         return Path(path).read_text().strip()
     except OSError as err:
-        raise UsageError(f"{path}: {err.strerror or err}") from None
+        raise UsageError(f"{what} file {path}: {err.strerror or err}") from None
 
 
 def _labels(text: str) -> dict[str, str]:
-    from agent.cluster.server import parse_selector
+    from agent.cluster.state import parse_selector
 
     try:
         return dict(parse_selector(text))
@@ -705,11 +689,25 @@ def _cluster_sync(
 ) -> ClusterSync | None:
     import socket
 
+    from agent.cluster import schema
     from agent.cluster.sync import ClusterClient, ClusterSync
 
     ccfg = config.resolve(config.ClusterAgentConfig, args)
     if not ccfg.cluster_url:
         return None
+    node = ccfg.node_name or socket.gethostname().lower()
+    if not schema.valid_node_name(node):
+        raise UsageError(
+            f"--node-name / NODE_NAME {node!r}: not a DNS-1123 name (lower-case letters, "
+            "digits, '-' and '.', at most 253 characters)"
+        )
+    if ccfg.cluster_ca_file:
+        try:
+            ssl.create_default_context(cafile=ccfg.cluster_ca_file)
+        except (OSError, ssl.SSLError) as err:
+            raise UsageError(f"--cluster-ca-file {ccfg.cluster_ca_file}: {err}") from None
+    if ccfg.min_poll_s <= 0:
+        raise UsageError("--cluster-min-poll: want a positive duration")
 
     def report() -> dict[str, object]:
         archives = [
@@ -723,28 +721,35 @@ def _cluster_sync(
         return {"archives": archives, "pulls": pulls}
 
     return ClusterSync(
-        ClusterClient(ccfg.cluster_url, _read_token(ccfg.cluster_token_file)),
-        node=ccfg.node_name or socket.gethostname(),
+        ClusterClient(
+            ccfg.cluster_url,
+            _read_token(ccfg.cluster_token_file),
+            ca_file=ccfg.cluster_ca_file,
+        ),
+        node=node,
         labels=_labels(ccfg.node_labels),
         state_dir=state_dir,
         puller=puller,
         report=report,
         log=log,
         report_interval=ccfg.report_interval_s,
+        min_interval=ccfg.min_poll_s,
     )
 
 
 def cmd_cluster(args: argparse.Namespace, stop: threading.Event) -> int:
     if args.cluster_command == "serve":
         return cmd_cluster_serve(args, stop)
-    from agent.cluster.server import summary_line
-    from agent.cluster.sync import ClusterClient
+    if args.cluster_command == "token":
+        return cmd_cluster_token(args)
+    from agent.cluster.state import summary_line
+    from agent.cluster.sync import ClusterClient, ClusterError
 
     client = ClusterClient(args.cluster_url, _read_token(args.token_file))
     path = "/v1/status" if args.cluster_command == "status" else "/v1/list"
     try:
-        doc = client.get_json(path)
-    except (OSError, ValueError) as err:
+        doc = client.get_json_sync(path)
+    except ClusterError as err:
         print(f"image-agent: {err}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     if args.output == "json":
@@ -789,27 +794,82 @@ def cmd_cluster(args: argparse.Namespace, stop: threading.Event) -> int:
     return EXIT_OK
 
 
+def _node_secret(path: str) -> bytes:
+    from agent.cluster.tokens import MIN_SECRET_BYTES
+
+    secret = _read_token(path, "node secret").encode()
+    if secret and len(secret) < MIN_SECRET_BYTES:
+        raise UsageError(f"node secret file {path}: want at least {MIN_SECRET_BYTES} bytes")
+    return secret
+
+
+def cmd_cluster_token(args: argparse.Namespace) -> int:
+    from agent.cluster import schema
+    from agent.cluster.tokens import node_token
+
+    path = args.node_secret_file or os.environ.get("IMAGE_AGENT_CLUSTER_NODE_SECRET_FILE", "")
+    if not path:
+        raise UsageError("--node-secret-file (or IMAGE_AGENT_CLUSTER_NODE_SECRET_FILE) is needed")
+    if not schema.valid_node_name(args.node):
+        raise UsageError(f"{args.node!r}: not a DNS-1123 node name")
+    print(node_token(_node_secret(path), args.node))
+    return EXIT_OK
+
+
 def cmd_cluster_serve(args: argparse.Namespace, stop: threading.Event) -> int:
     import asyncio
 
     from agent.cluster import assemble
-    from agent.cluster.server import State, parse_source, serve
+    from agent.cluster.fetch import Sources, parse_source
+    from agent.cluster.http import Options, serve
+    from agent.cluster.state import State
+    from agent.cluster.tokens import Credentials
 
-    logs.configure(args.log_level, stream=sys.stdout)
-    log = logs.get()
+    cfg = config.resolve(config.ClusterServeConfig, args)
+    lcfg = config.resolve(config.LogConfig, args)
     try:
         srcs = [
             parse_source(kind, value, n)
             for kind in ("images", "cr", "list", "che", "env")
-            for n, value in enumerate(getattr(args, f"source_{kind}"))
+            for n, value in enumerate(getattr(cfg, f"source_{kind}"))
         ]
-        rules = [assemble.parse_rewrite(r) for r in args.rewrite]
-        interval = config.parse_duration(args.source_interval)
+        rules = [assemble.parse_rewrite(r) for r in cfg.rewrite]
     except ValueError as err:
         raise UsageError(str(err)) from None
-    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-    if bool(args.tls_cert) != bool(args.tls_key):
+    _, sep, port = cfg.listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--listen {cfg.listen!r}: want HOST:PORT")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
         raise UsageError("--tls-cert and --tls-key go together")
+    for name in ("max_connections", "max_long_polls"):
+        if getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')}: want a positive number")
+    for name in ("source_interval_s", "header_timeout_s", "body_timeout_s"):
+        if getattr(cfg, name) <= 0:
+            raise UsageError(f"--{name[:-2].replace('_', '-')}: want a positive duration")
+    if cfg.forget_after_s < cfg.stale_after_s:
+        raise UsageError("--forget-after must not be shorter than --stale-after")
+    ids = [s.id for s in srcs]
+    if len(set(ids)) != len(ids):
+        raise UsageError("a source is given twice")
+    credentials = Credentials(
+        shared=_read_token(cfg.token_file), node_secret=_node_secret(cfg.node_secret_file)
+    )
+    options = Options(
+        listen=cfg.listen,
+        credentials=credentials,
+        auth_reads=cfg.auth_reads,
+        tls=(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None,
+        source_interval=cfg.source_interval_s,
+        max_connections=cfg.max_connections,
+        max_long_polls=cfg.max_long_polls,
+        header_timeout=cfg.header_timeout_s,
+        body_timeout=cfg.body_timeout_s,
+        stale_after=cfg.stale_after_s,
+        forget_after=cfg.forget_after_s,
+    )
+    logs.configure(lcfg.level, stream=sys.stdout)
+    log = logs.get()
 
     async def main() -> None:
         done = asyncio.Event()
@@ -818,16 +878,16 @@ def cmd_cluster_serve(args: argparse.Namespace, stop: threading.Event) -> int:
             target=lambda: (stop.wait(), loop.call_soon_threadsafe(done.set)), daemon=True
         ).start()
         await serve(
-            State(srcs, rules),
-            args.listen,
-            token=_read_token(args.token_file),
-            auth_reads=args.auth_reads,
-            tls=tls,
-            source_interval=interval,
+            State(order=ids, rules=rules),
+            Sources(srcs, cfg.source_interval_s),
+            options,
             log=log,
             stop=done,
         )
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ssl.SSLError as err:
+        raise UsageError(f"--tls-cert/--tls-key: {err.reason or err}") from None
     log.info("stopped")
     return EXIT_OK

@@ -3,11 +3,14 @@
     .venv/bin/python -m bench.cluster_bench [--nodes 10000] [--seconds 20] [--concurrency 64]
 
 The server runs as its own process (`image-agent cluster serve`, 40 images,
-a bearer token). The load generator (this process, aiohttp) first has every
-node report its status once (so the server holds 10,000 reports), then runs
-a mixed phase: 90% conditional GETs of a node's list (If-None-Match, 304)
-and 10% status reports. Prints requests/s, latency p50/p99 and the server's
-RSS with all reports held.
+a node secret: every node writes with its own token). The load generator
+(this process, aiohttp) first has every node report its status once (so the
+server holds 10,000 reports), then runs a mixed phase: 90% conditional GETs
+of a node's list (If-None-Match, 304) and 10% status reports. Then
+``/v1/status`` is requested in a loop (the full node x image view) while
+``/healthz`` is probed every 20 ms. Prints requests/s, latency p50/p99, the
+server's RSS with all reports held, and /healthz latency under the status
+loop. The machine the numbers come from matters: say how loaded it was.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from pathlib import Path
 
 import aiohttp
 
+from agent.cluster.tokens import node_token
 from tests.conftest import free_port
 
-TOKEN = "bench-token"
+SECRET = b"bench-node-secret-0123456789"
 
 
 def report(node: int, images: list[str]) -> bytes:
@@ -41,7 +45,11 @@ def report(node: int, images: list[str]) -> bytes:
 
 
 async def run(url: str, nodes: int, seconds: float, concurrency: int, images: list[str]) -> None:
-    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    tokens = [node_token(SECRET, f"node-{n}") for n in range(nodes)]
+
+    def headers(n: int) -> dict[str, str]:
+        return {"Authorization": f"Bearer {tokens[n]}", "Content-Type": "application/json"}
+
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn) as session:
         sem = asyncio.Semaphore(concurrency)
@@ -50,7 +58,7 @@ async def run(url: str, nodes: int, seconds: float, concurrency: int, images: li
             async with (
                 sem,
                 session.put(
-                    f"{url}/v1/nodes/node-{n}/status", data=report(n, images), headers=headers
+                    f"{url}/v1/nodes/node-{n}/status", data=report(n, images), headers=headers(n)
                 ) as r,
             ):
                 assert r.status == 204, r.status
@@ -83,7 +91,9 @@ async def run(url: str, nodes: int, seconds: float, concurrency: int, images: li
                         code = r.status
                 else:
                     async with session.put(
-                        f"{url}/v1/nodes/node-{n}/status", data=report(n, images), headers=headers
+                        f"{url}/v1/nodes/node-{n}/status",
+                        data=report(n, images),
+                        headers=headers(n),
                     ) as r:
                         code = r.status
                 latencies.append(time.monotonic() - t0)
@@ -100,6 +110,47 @@ async def run(url: str, nodes: int, seconds: float, concurrency: int, images: li
             f"{len(latencies) / elapsed:.0f} requests/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
             f"status codes {dict(sorted(codes.items()))}"
         )
+        await status_loop(session, url, seconds)
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))] * 1000
+
+
+async def status_loop(session: aiohttp.ClientSession, url: str, seconds: float) -> None:
+    """/v1/status fetched back to back by 4 clients; /healthz probed every 20 ms meanwhile."""
+    deadline = time.monotonic() + seconds
+    status_times: list[float] = []
+    health_times: list[float] = []
+    sizes: list[int] = []
+
+    async def fetch_status() -> None:
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            async with session.get(f"{url}/v1/status") as r:
+                sizes.append(len(await r.read()))
+                assert r.status == 200, r.status
+            status_times.append(time.monotonic() - t0)
+
+    async def probe() -> None:
+        async with aiohttp.ClientSession() as own:  # its own connection, as a kubelet probe
+            while time.monotonic() < deadline:
+                t0 = time.monotonic()
+                async with own.get(f"{url}/healthz") as r:
+                    await r.read()
+                    assert r.status == 200, r.status
+                health_times.append(time.monotonic() - t0)
+                await asyncio.sleep(0.02)  # the probe's pace, not a synchronization
+
+    await asyncio.gather(probe(), *(fetch_status() for _ in range(4)))
+    print(
+        f"/v1/status loop: {len(status_times)} views of {sizes[-1] / 1e6:.1f} MB "
+        f"in {seconds:.0f} s, "
+        f"p50 {pct(status_times, 0.5):.0f} ms, p99 {pct(status_times, 0.99):.0f} ms; "
+        f"/healthz meanwhile: {len(health_times)} probes, p50 {pct(health_times, 0.5):.1f} ms, "
+        f"p99 {pct(health_times, 0.99):.1f} ms, max {max(health_times) * 1000:.1f} ms"
+    )
 
 
 def main() -> int:
@@ -111,7 +162,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="ia-cbench-"))
     images = [f"registry.internal:5000/team{i % 5}/image{i}:1.{i}" for i in range(40)]
     (work / "list.txt").write_text("\n".join(images) + "\n")
-    (work / "token").write_text(TOKEN)
+    (work / "secret").write_bytes(SECRET)
     port = free_port()
     server = subprocess.Popen(
         [
@@ -124,8 +175,8 @@ def main() -> int:
             f"127.0.0.1:{port}",
             "--source-list",
             str(work / "list.txt"),
-            "--token-file",
-            str(work / "token"),
+            "--node-secret-file",
+            str(work / "secret"),
             "--log-level",
             "warning",
         ],

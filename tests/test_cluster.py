@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import ssl
@@ -27,13 +28,18 @@ pytestmark = pytest.mark.containerd
 class FixtureServer:
     """Serves Che-shaped JSON/YAML (and lists) from a dict; paths can be made to fail."""
 
-    def __init__(self, files: dict[str, bytes]) -> None:
+    def __init__(self, files: dict[str, bytes], basic_auth: str = "") -> None:
         self.files = files
         self.failing: set[str] = set()
         outer = self
+        wanted = "Basic " + base64.b64encode(basic_auth.encode()).decode() if basic_auth else ""
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
+                if wanted and self.headers.get("Authorization") != wanted:
+                    self.send_response(401)
+                    self.end_headers()
+                    return
                 if self.path in outer.failing or self.path not in outer.files:
                     self.send_response(500 if self.path in outer.failing else 404)
                     self.end_headers()
@@ -288,12 +294,16 @@ def test_auth_and_bad_bodies(cluster, tmp_path: Path) -> None:
     assert c.get("/v1/images")[0] == 401
     assert c.put("/v1/nodes/n1/status", b"{not json", token="s3cret") == 400
     assert c.put("/v1/nodes/n1/status", b'{"pulls": "x"}', token="s3cret") == 400
-    assert c.put("/v1/nodes/n1/status", b"[" + b" " * (2 << 20) + b"]", token="s3cret") == 413
+    assert c.put("/v1/nodes/n1/status", b"[" + b" " * (5 << 20) + b"]", token="s3cret") == 413
     view = json.loads(c.get("/v1/status", {"Authorization": "Bearer s3cret"})[2])
     assert view["nodes"] == {}
     assert c.put("/v1/nodes/n1/status", good, token="s3cret") == 204
-    view = json.loads(c.get("/v1/status", {"Authorization": "Bearer s3cret"})[2])
-    assert view["summary"]["complete"] == 1
+
+    def complete() -> int:
+        view = json.loads(c.get("/v1/status", {"Authorization": "Bearer s3cret"})[2])
+        return int(view["summary"]["complete"])
+
+    wait_for(lambda: complete() == 1, 10, "the view to show the report")
 
 
 def test_agents_converge_and_show_in_cluster_status(
@@ -357,7 +367,7 @@ def test_agents_converge_and_show_in_cluster_status(
     assert "2/2 nodes complete" in table
     for a in agents:
         cached = json.loads((a.state / "cluster-list.json").read_text())
-        assert cached["list"] == ref + "\n"
+        assert cached["images"] == [ref]
 
 
 def test_tls(cluster, tmp_path: Path) -> None:
@@ -432,3 +442,92 @@ def test_agent_works_from_cached_list_while_cluster_is_down(
         60,
         "the pull from the cached list",
     )
+
+
+def _list_events(agent) -> list[int]:  # type: ignore[no-untyped-def]
+    return [int(e["images"]) for e in agent.named("cluster.list")]
+
+
+def test_agent_never_takes_a_cut_list(cluster, daemon, tmp_path: Path) -> None:
+    """A list whose body is cut before Content-Length is an error: not cached, not applied, asked again."""
+    from tests.proxy import Proxy
+
+    images = [f"127.0.0.1:1/fleet/image-{i:03d}:1" for i in range(300)]
+    lst = tmp_path / "fleet.txt"
+    lst.write_text("\n".join(images) + "\n")
+    c = cluster("--source-list", str(lst))
+    proxy = Proxy(f"127.0.0.1:{c.port}", cut_after=6000)
+    a = daemon(
+        "--cluster-url", f"http://{proxy.host}", "--node-name", "n1", "--cluster-min-poll", "1"
+    )
+    a.start()
+    wait_for(lambda: _list_events(a), 60, "the list")
+    assert proxy.cuts == 1
+    assert _list_events(a) == [300]  # the only list taken is the whole one
+    assert any("cut short" in e["error"] for e in a.named("cluster.unreachable"))
+    cached = json.loads((a.state / "cluster-list.json").read_text())
+    assert len(cached["images"]) == 300
+
+
+def test_agent_long_polls_through_a_proxy_that_weakens_etags(
+    cluster, daemon, tmp_path: Path
+) -> None:
+    """Behind a proxy that rewrites ETags to W/"...", the agent's conditional poll is still held, not answered at once."""
+    from tests.proxy import HttpProxy
+
+    lst = tmp_path / "l.txt"
+    lst.write_text("127.0.0.1:1/a/b:1\n")
+    c = cluster("--source-list", str(lst))
+    proxy = HttpProxy(c.url, weak_etags=True)
+    try:
+        a = daemon("--cluster-url", proxy.url, "--node-name", "n1", "--cluster-min-poll", "0.5")
+        a.start()
+        wait_for(lambda: _list_events(a), 60, "the list")
+        wait_for(
+            lambda: "image_agent_cluster_long_polls 1.0" in c.get("/metrics")[2].decode(),
+            30,
+            "the agent's W/ conditional poll to be held",
+        )
+        assert proxy.count("/v1/images") == 2  # one 200, one held; no hot loop
+        assert _list_events(a) == [1]
+    finally:
+        proxy.close()
+
+
+def test_agent_keeps_a_minimum_interval_whatever_the_server_does(
+    cluster, daemon, tmp_path: Path
+) -> None:
+    """When every poll is answered at once (conditions dropped on the way), polls are still --cluster-min-poll apart."""
+    from tests.proxy import HttpProxy
+
+    lst = tmp_path / "l.txt"
+    lst.write_text("127.0.0.1:1/a/b:1\n")
+    c = cluster("--source-list", str(lst))
+    proxy = HttpProxy(c.url, drop_conditions=True)
+    try:
+        a = daemon("--cluster-url", proxy.url, "--node-name", "n1", "--cluster-min-poll", "1.5")
+        a.start()
+        wait_for(lambda: proxy.count("/v1/images") >= 1, 60, "the first poll")
+        first = time.monotonic()
+        wait_for(lambda: proxy.count("/v1/images") >= 5, 60, "four more polls")
+        elapsed = time.monotonic() - first
+        assert elapsed >= 4 * 1.5 - 0.5, f"5 polls in {elapsed:.1f}s"
+    finally:
+        proxy.close()
+
+
+def test_agent_sync_survives_a_failing_cache_write(cluster, daemon, tmp_path: Path) -> None:
+    """A cache that cannot be written (here: a directory in its place) is logged once; the sync goes on and recovers."""
+    lst = tmp_path / "l.txt"
+    lst.write_text("127.0.0.1:1/a/b:1\n")
+    c = cluster("--source-list", str(lst))
+    a = daemon("--cluster-url", c.url, "--node-name", "n1", "--cluster-min-poll", "0.5")
+    (a.state / "cluster-list.json" / "blocker").mkdir(parents=True)
+    a.start()
+    wait_for(lambda: a.named("cluster.sync_failed"), 60, "the failure to be logged")
+    assert len(a.named("cluster.sync_failed")) == 1
+    (a.state / "cluster-list.json" / "blocker").rmdir()
+    (a.state / "cluster-list.json").rmdir()
+    wait_for(lambda: a.named("cluster.recovered"), 90, "the sync to recover")
+    assert _list_events(a) == [1]
+    assert (a.state / "cluster-list.json").is_file()

@@ -59,12 +59,18 @@ class Assembled:
 
 
 def parse_rewrite(text: str) -> tuple[str, str]:
+    """``FROM=TO``; ValueError (one line) unless TO is a valid registry or repository prefix."""
     src, sep, dst = text.partition("=")
-    if not sep or not src.strip() or not dst.strip():
+    src, dst = src.strip().rstrip("/"), dst.strip().rstrip("/")
+    if not sep or not src or not dst:
         raise ValueError(
             f"--rewrite {text!r}: want FROM=TO, e.g. quay.io=registry.internal:5000/quay"
         )
-    return src.strip().rstrip("/"), dst.strip().rstrip("/")
+    try:
+        refs.parse(dst + "/x/y:1")
+    except refs.InvalidReference as err:
+        raise ValueError(f"--rewrite {text!r}: {dst!r} is not a valid mirror ({err})") from None
+    return src, dst
 
 
 def rewrite(image: str, rules: list[tuple[str, str]]) -> str:
@@ -80,7 +86,11 @@ def assemble(contributions: list[Contribution], rules: list[tuple[str, str]]) ->
     problems = [str(p) for c in contributions for p in c.problems]
     for c in contributions:
         for e in c.entries:
-            image = rewrite(e.ref, rules)
+            try:
+                image = rewrite(e.ref, rules)
+            except refs.InvalidReference as err:
+                problems.append(f"{e.where}: rewritten {e.ref} is not valid ({err})")
+                continue
             item = by_image.setdefault(image, Item(image))
             item.sources.append(e.where)
             if e.name:

@@ -10,17 +10,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from agent import lists
+from agent import boundedjson, lists
 from agent.lists import Entry, Problem
 
 EDITORS_PATH = "/dashboard/api/editors"
 SAMPLES_PATH = "/dashboard/api/airgap-sample"
+MAX_DOCUMENT_BYTES = 8 << 20
 
 
 class SourceError(Exception):
@@ -57,7 +57,10 @@ def custom_resource(text: str, source: str) -> Parsed:
     for doc in docs:
         if not isinstance(doc, dict) or doc.get("kind") != "KubernetesImagePuller":
             continue
-        images = (doc.get("spec") or {}).get("images", "")
+        spec = doc.get("spec") or {}
+        if not isinstance(spec, dict):
+            raise SourceError(f"{source}: spec is not an object")
+        images = spec.get("images", "")
         if not isinstance(images, str):
             raise SourceError(f"{source}: spec.images is not a string")
         found = True
@@ -82,9 +85,9 @@ def devfile_images(doc: Any) -> list[str]:
 
 def _json_array(text: str, source: str, what: str) -> list[Any]:
     try:
-        doc = json.loads(text)
-    except ValueError as err:
-        raise SourceError(f"{source}: not valid JSON ({err})") from None
+        doc = boundedjson.loads(text, what=source, max_bytes=MAX_DOCUMENT_BYTES)
+    except boundedjson.JSONLimitError as err:
+        raise SourceError(str(err)) from None
     if not isinstance(doc, list):
         raise SourceError(f"{source}: expected a JSON array of {what}")
     return doc

@@ -11,9 +11,9 @@ import os
 import tempfile
 from collections.abc import Callable
 
-from agent import boundedjson, lists, refs
+from agent import lists, refs
 from agent.archive import layout, limits
-from agent.cluster import server as cluster_server
+from agent.cluster import schema
 from agent.errors import ArchiveError
 from agent.verify import verify
 
@@ -98,15 +98,11 @@ def reference(data: bytes) -> None:
 
 
 def cluster_report(data: bytes) -> None:
-    """A node's status report as the cluster server reads it (the parse function on main)."""
+    """A node's status report as the cluster server reads it: a model, or one SchemaError line."""
     try:
-        doc = boundedjson.loads(data, what="report", max_bytes=cluster_server.MAX_BODY)
-    except boundedjson.JSONLimitError as err:
+        schema.parse_report(data)
+    except schema.SchemaError as err:
         _one_line(str(err))
-        return
-    if cluster_server._check_report(doc):
-        return
-    cluster_server.NodeReport.from_doc("node", doc, 0.0)
 
 
 def _one_line(message: str) -> None:
