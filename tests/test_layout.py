@@ -222,3 +222,58 @@ def test_header_guard_reads_sizes_as_tarfile_does(size_field: bytes) -> None:
     header[148:156] = f"{sum(header):06o}\0 ".encode()
     with pytest.raises(ArchiveError, match="extended header of"):
         list(walk(io.BytesIO(bytes(header) + b"1 " * 100_000)))
+
+
+def _ustar_header(name: str, size: int, typ: bytes) -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, typ
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def test_pax_padding_that_is_not_zero_is_refused() -> None:
+    """A pax record hidden in the padding of an extended header (tarfile reads it, the guard
+    would not) is refused, so the guard and tarfile never disagree on member sizes."""
+    import tarfile
+
+    record, hidden = b"10 path=a\n", b"9 size=0\n"
+    raw = _ustar_header("PaxHeader", len(record), tarfile.XHDTYPE)
+    raw += (record + hidden).ljust(512, b"\0")
+    raw += _ustar_header("a", 512, tarfile.REGTYPE) + b"\0" * 512
+    raw += _ustar_header("b", 0, tarfile.REGTYPE) + b"\0" * 1024
+    with pytest.raises(ArchiveError, match="padding is not all zero"):
+        list(walk(io.BytesIO(raw)))
+    clean = _ustar_header("PaxHeader", len(record), tarfile.XHDTYPE) + record.ljust(512, b"\0")
+    clean += _ustar_header("a", 0, tarfile.REGTYPE) + b"\0" * 1024
+    assert [m.name for m, _ in walk(io.BytesIO(clean))] == ["a"]
+
+
+@pytest.mark.parametrize("typ", [b"L", b"g", b"K"])
+def test_long_chains_of_extended_headers_are_refused(typ: bytes) -> None:
+    """Extended headers in a row past the limit give one clear error, not tarfile's RecursionError."""
+    from agent.archive.tarstream import MAX_EXTENDED_CHAIN
+
+    def archive(n: int) -> bytes:
+        chain = b"".join(_ustar_header("x", 0, typ) for _ in range(n))
+        return chain + _ustar_header("a", 0, b"0") + b"\0" * 1024
+
+    with pytest.raises(ArchiveError, match=f"more than {MAX_EXTENDED_CHAIN} extended headers"):
+        list(walk(io.BytesIO(archive(2000))))
+    with pytest.raises(ArchiveError, match="extended headers in a row"):
+        list(walk(io.BytesIO(archive(MAX_EXTENDED_CHAIN + 1))))
+    assert len(list(walk(io.BytesIO(archive(MAX_EXTENDED_CHAIN))))) == 1
+
+
+def test_appledouble_blob_files_are_skipped() -> None:
+    """blobs/sha256/._<hex> (macOS bsdtar's resource forks) are skipped with a warning, not fatal."""
+    from structlog.testing import capture_logs
+
+    hexd = "a" * 64
+    data = samples.archive_bytes(
+        [(f"blobs/sha256/._{hexd}", b"\0\5\26\7junk"), (f"blobs/sha256/{hexd}", b"x")]
+    )
+    with capture_logs() as logged:
+        assert [m.name for m, _ in walk(io.BytesIO(data))] == [f"blobs/sha256/{hexd}"]
+    assert [e["event"] for e in logged] == ["archive.member_ignored"]
+    assert logged[0]["member"] == f"blobs/sha256/._{hexd}"
