@@ -277,3 +277,128 @@ def test_appledouble_blob_files_are_skipped() -> None:
         assert [m.name for m, _ in walk(io.BytesIO(data))] == [f"blobs/sha256/{hexd}"]
     assert [e["event"] for e in logged] == ["archive.member_ignored"]
     assert logged[0]["member"] == f"blobs/sha256/._{hexd}"
+
+
+# -- per-archive counts ------------------------------------------------------------------
+
+
+def _index_doc(n: int) -> bytes:
+    entry = {"mediaType": layout.OCI_MANIFEST, "digest": "sha256:" + "a" * 64, "size": 1}
+    return layout.dump_json({"schemaVersion": 2, "manifests": [entry] * n})
+
+
+def test_docker_archive_layers_count_once_against_the_total(node: Platform, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A docker archive's layers count once against --max-layer-entries: 2 images of 3 layers
+    pass a limit of 6 and fail one of 5 (not 12 counted, as when manifest.json counted too)."""
+    from agent.verify import verify
+
+    images = [
+        samples.SampleImage(
+            f"d{i}:1",
+            (samples.Variant(node, tuple(samples.Layer({f"f{i}{j}": b"x"}) for j in range(3))),),
+        )
+        for i in range(2)
+    ]
+    path = tmp_path / "docker.tar"
+    path.write_bytes(samples.docker_archive(images))
+    previous = limits.configure(limits.Limits(max_layer_entries=6))
+    try:
+        assert len(verify(str(path)).result.images) == 2
+        limits.configure(limits.Limits(max_layer_entries=5))
+        with pytest.raises(ArchiveError, match="more than 5 layer entries in all"):
+            verify(str(path))
+    finally:
+        limits.configure(previous)
+
+
+def test_index_entry_limit_scales_with_max_manifests() -> None:
+    """By default the index entry total follows --max-archive-images (65 per image); set, it is exact."""
+    assert limits.Limits().index_entry_limit == 65_000
+    assert limits.Limits(max_manifests=2000).index_entry_limit == 130_000
+    assert limits.Limits(max_index_entries=300).index_entry_limit == 300
+    with pytest.raises(Exception, match="max_index_entries must be positive"):
+        limits.Limits(max_index_entries=-1).check()
+
+
+def test_bundle_shaped_archive_of_1000_images_verifies(node: Platform, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """1,000 images (the --max-archive-images default), each with its registry index of 16
+    platforms and attestations as bundles keep them, pass the default limits."""
+    from agent.verify import verify
+
+    image = samples.simple_image("x:1", {"f": b"x"}, node)
+    entries = dict(_tar_entries(samples.oci_archive([image])))
+    manifest = next(d for d in entries.values() if layout.OCI_MANIFEST.encode() in d[:80])
+    m = {"mediaType": layout.OCI_MANIFEST, "digest": layout.sha256(manifest), "size": len(manifest)}
+    other = [
+        {
+            **m,
+            "digest": "sha256:" + f"{k:064x}",
+            "platform": {"os": "linux", "architecture": f"a{k}"},
+        }
+        for k in range(15)
+    ]
+    top = []
+    for i in range(1000):
+        doc = layout.dump_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": layout.OCI_INDEX,
+                "manifests": [
+                    {**m, "platform": {"os": node.os, "architecture": node.architecture}},
+                    *other,
+                ],
+                "annotations": {"n": str(i)},
+            }
+        )
+        d = layout.sha256(doc)
+        entries[f"blobs/sha256/{d[7:]}"] = doc
+        top.append(
+            {
+                "mediaType": layout.OCI_INDEX,
+                "digest": d,
+                "size": len(doc),
+                "annotations": {layout.ANNOTATION_IMAGE_NAME: f"img{i}:1"},
+            }
+        )
+    entries["index.json"] = layout.dump_json({"schemaVersion": 2, "manifests": top})
+    path = tmp_path / "bundle.tar"
+    path.write_bytes(samples.archive_bytes(entries.items()))
+    assert len(verify(str(path)).result.images) == 1000
+
+
+def _tar_entries(archive: bytes) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+
+
+def test_documents_outside_an_archive_are_counted_one_at_a_time() -> None:
+    """Documents parsed with no archive begun are bounded each on its own: counts never pile up
+    for the life of the thread (a long fuzz run went blind that way)."""
+    import threading
+
+    from tests.fuzz import targets
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(5):
+                layout.parse_index(_index_doc(3))
+            for _ in range(5):
+                targets.layout_docs(_index_doc(3))
+                assert limits.counted()["index"] == 3
+                targets.bundle_manifest(_index_doc(3))
+                assert limits.counted()["index"] == 3
+        except BaseException as err:
+            errors.append(err)
+
+    previous = limits.configure(limits.Limits(max_index_entries=5))
+    try:
+        thread = threading.Thread(target=run)  # a thread of its own: no archive begun in it
+        thread.start()
+        thread.join(60)
+    finally:
+        limits.configure(previous)
+    assert not thread.is_alive() and not errors, errors
