@@ -715,3 +715,76 @@ def test_token_lifetime_that_is_not_a_finite_number_gets_the_default(
     now[0] += 61
     client.manifest(ref)
     assert auth_servers.issued == 2
+
+
+# -- bundle plans within the import limits ---------------------------------------------
+
+
+def _plan(images: int, index_entries: int, layer_entries: int, layers: int) -> "bundle.Plan":
+    from agent import bundle
+
+    ref = refs.parse("registry.example/x:1")
+    return bundle.Plan(
+        images=[
+            bundle.BundledImage(f"registry.example/i{n}:1", "sha256:" + "a" * 64, "", 1)
+            for n in range(images)
+        ],
+        layers={"sha256:" + f"{n:064x}": (ref, 1) for n in range(layers)},
+        index_entries=index_entries,
+        layer_entries=layer_entries,
+    )
+
+
+@pytest.mark.parametrize(
+    ("over", "flag"),
+    [
+        ((4, 0, 0, 0), "--max-archive-images"),
+        ((3, 3 * 65 - 2, 0, 0), "--max-index-entries"),
+        ((3, 0, 101, 0), "--max-layer-entries"),
+        ((3, 0, 0, 48), "--max-archive-members"),
+    ],
+)
+def test_bundle_plan_over_the_import_limits_is_refused(
+    over: tuple[int, int, int, int], flag: str
+) -> None:
+    """A plan whose archive import would refuse (images, index entries counted as import
+    counts them, layer entries, tar headers) is refused in one line naming the flag; the
+    same plan one short of each limit passes."""
+    from agent import bundle
+    from agent.archive import limits
+    from agent.errors import AgentError
+
+    previous = limits.configure(
+        limits.Limits(max_manifests=3, max_layer_entries=100, max_members=50)
+    )
+    try:
+        bundle.check_limits(_plan(3, 3 * 64, 100, 47))  # 3 + 3 files + 47 layers = 50 headers
+        with pytest.raises(AgentError, match=f"more than the .* that import allows \\({flag}\\)"):
+            bundle.check_limits(_plan(*over))
+    finally:
+        limits.configure(previous)
+
+
+def test_bundle_over_the_import_limits_writes_nothing(
+    registry, node: Platform, tmp_path: Path
+) -> None:
+    """bundle of two images under --max-archive-images 1 stops before writing, in one line;
+    the same flag on bundle and import lets a site raise its limits on both."""
+    reg = registry()
+    names = []
+    for n in range(2):
+        src = tmp_path / f"src{n}.tar"
+        src.write_bytes(
+            samples.oci_archive([samples.simple_image(f"lim/x{n}:1", {"x": b"x"}, node)])
+        )
+        reg.push(src, f"lim/x{n}:1")
+        names.append(f"{reg.host}/lim/x{n}:1")
+    lst = tmp_path / "l.txt"
+    lst.write_text("\n".join(names) + "\n")
+    out = tmp_path / "lim.tar.zst"
+    result = run("bundle", "--list", str(lst), "-o", str(out), "--max-archive-images", "1")
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    assert "the bundle would hold 2 images, more than the 1" in line, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
