@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent import refs, samples
+from agent import bundle, refs, samples
 from agent.archive import layout
 from agent.containerd import Containerd
 from agent.platforms import Platform
@@ -591,7 +591,7 @@ def test_verify_refuses_a_corrupt_duplicate_blob(node: Platform, tmp_path: Path)
     assert result.returncode == 1, result.stdout
     (line,) = result.stderr.strip().splitlines()
     assert str(path) in line and name in line and "different contents" in line
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 120  # seconds, not hours: generous for a loaded machine
     same, _ = _with_duplicate(good, same=True)
     path.write_bytes(same)
     result = run("verify", str(path))
@@ -720,9 +720,7 @@ def test_token_lifetime_that_is_not_a_finite_number_gets_the_default(
 # -- bundle plans within the import limits ---------------------------------------------
 
 
-def _plan(images: int, index_entries: int, layer_entries: int, layers: int) -> "bundle.Plan":
-    from agent import bundle
-
+def _plan(images: int, index_entries: int, layer_entries: int, layers: int) -> bundle.Plan:
     ref = refs.parse("registry.example/x:1")
     return bundle.Plan(
         images=[
@@ -750,7 +748,6 @@ def test_bundle_plan_over_the_import_limits_is_refused(
     """A plan whose archive import would refuse (images, index entries counted as import
     counts them, layer entries, tar headers) is refused in one line naming the flag; the
     same plan one short of each limit passes."""
-    from agent import bundle
     from agent.archive import limits
     from agent.errors import AgentError
 
