@@ -206,7 +206,7 @@ class ArchiveConfig:
         flag="--max-index-entries",
         env="IMAGE_AGENT_MAX_INDEX_ENTRIES",
         help="index entries read for one archive, an index counted each time it is reached "
-        "(0: 65 per --max-archive-images, 65000 by default)",
+        "(0: 33 per --max-archive-images, 33000 by default)",
     )
     max_layer_entries: int = setting(
         100_000,

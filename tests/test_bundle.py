@@ -737,7 +737,7 @@ def _plan(images: int, index_entries: int, layer_entries: int, layers: int) -> b
     ("over", "flag"),
     [
         ((4, 0, 0, 0), "--max-archive-images"),
-        ((3, 3 * 65 - 2, 0, 0), "--max-index-entries"),
+        ((3, 3 * 33 - 2, 0, 0), "--max-index-entries"),
         ((3, 0, 101, 0), "--max-layer-entries"),
         ((3, 0, 0, 48), "--max-archive-members"),
     ],
@@ -755,7 +755,7 @@ def test_bundle_plan_over_the_import_limits_is_refused(
         limits.Limits(max_manifests=3, max_layer_entries=100, max_members=50)
     )
     try:
-        bundle.check_limits(_plan(3, 3 * 64, 100, 47))  # 3 + 3 files + 47 layers = 50 headers
+        bundle.check_limits(_plan(3, 3 * 32, 100, 47))  # 3 + 3 files + 47 layers = 50 headers
         with pytest.raises(AgentError, match=f"more than the .* that import allows \\({flag}\\)"):
             bundle.check_limits(_plan(*over))
     finally:

@@ -312,9 +312,9 @@ def test_docker_archive_layers_count_once_against_the_total(node: Platform, tmp_
 
 
 def test_index_entry_limit_scales_with_max_manifests() -> None:
-    """By default the index entry total follows --max-archive-images (65 per image); set, it is exact."""
-    assert limits.Limits().index_entry_limit == 65_000
-    assert limits.Limits(max_manifests=2000).index_entry_limit == 130_000
+    """By default the index entry total follows --max-archive-images (33 per image); set, it is exact."""
+    assert limits.Limits().index_entry_limit == 33_000
+    assert limits.Limits(max_manifests=2000).index_entry_limit == 66_000
     assert limits.Limits(max_index_entries=300).index_entry_limit == 300
     with pytest.raises(Exception, match="max_index_entries must be positive"):
         limits.Limits(max_index_entries=-1).check()
