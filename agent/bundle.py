@@ -31,6 +31,8 @@ from agent.platforms import Platform
 from agent.registry import RegistryClient, RegistryError
 
 RESUME_ATTEMPTS = 3
+# Sizes from 8 GiB on need a pax header in the tar.
+_USTAR_MAX_SIZE = 8 << 30
 
 
 @dataclass
@@ -49,6 +51,17 @@ class Plan:
     images: list[BundledImage] = field(default_factory=list)
     docs: dict[str, bytes] = field(default_factory=dict)
     layers: dict[str, tuple[refs.Reference, int]] = field(default_factory=dict)
+    # Entries of the images' indexes, and layers of their chosen manifests:
+    # what import will count against --max-index-entries / --max-layer-entries.
+    index_entries: int = 0
+    layer_entries: int = 0
+
+    @property
+    def tar_headers(self) -> int:
+        """Headers the archive will have: oci-layout, index.json, contents, each blob, and a
+        pax header for each blob too large for a ustar size field."""
+        big = sum(1 for _, size in self.layers.values() if size >= _USTAR_MAX_SIZE)
+        return 3 + len(self.docs) + len(self.layers) + big
 
     @property
     def total_size(self) -> int:
@@ -79,7 +92,9 @@ def plan(client: RegistryClient, wanted: list[str], platforms: tuple[Platform, .
         image = BundledImage(str(ref), top.digest, media_type, len(top.data))
         out.docs[top.digest] = top.data
         if kind == "index":
-            for child in layout.parse_index(top.data, str(ref)):
+            children = layout.parse_index(top.data, str(ref))
+            out.index_entries += len(children)
+            for child in children:
                 if child.platform is not None and not any(
                     p.matches(child.platform) for p in platforms
                 ):
@@ -92,7 +107,25 @@ def plan(client: RegistryClient, wanted: list[str], platforms: tuple[Platform, .
         if not image.platforms:
             raise AgentError(f"{ref} has no image for {', '.join(map(str, platforms))}")
         out.images.append(image)
+    check_limits(out)
     return out
+
+
+def check_limits(p: Plan) -> None:
+    """Refuse a plan whose archive import and verify would refuse under the limits in force."""
+    bounds = limits.current()
+    index_total = len(p.images) + p.index_entries  # index.json, then each image's index
+    for have, bound, what, flag in (
+        (len(p.images), bounds.max_manifests, "images", "--max-archive-images"),
+        (index_total, bounds.index_entry_limit, "index entries", "--max-index-entries"),
+        (p.layer_entries, bounds.max_layer_entries, "layer entries", "--max-layer-entries"),
+        (p.tar_headers, bounds.max_members, "tar headers", "--max-archive-members"),
+    ):
+        if have > bound:
+            raise AgentError(
+                f"the bundle would hold {have} {what}, more than the {bound} that import "
+                f"allows ({flag}); split the list, or raise {flag} here and on the nodes"
+            )
 
 
 def _add_manifest(
@@ -112,6 +145,7 @@ def _add_manifest(
     if config.platform is not None and not any(p.matches(config.platform) for p in platforms):
         return False
     out.docs[manifest.config.digest] = config_data
+    out.layer_entries += len(manifest.layers)
     for layer in manifest.layers:
         out.layers.setdefault(layer.digest, (ref, layer.size))
     image.platforms.append(str(config.platform or "any"))

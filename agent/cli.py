@@ -118,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST[:PORT]",
         help="registry to reach over plain HTTP, without credentials (loopback: always)",
     )
+    config.add_arguments(bundle, config.ArchiveConfig)  # a bundle must fit the import limits
 
     verify = sub.add_parser("verify", help="check an archive without importing it")
     verify.add_argument("files", nargs="+", metavar="FILE")
@@ -225,6 +226,8 @@ def _apply_limits(args: argparse.Namespace) -> None:
             max_members=acfg.max_members,
             max_manifests=acfg.max_manifests,
             max_layers=acfg.max_layers,
+            max_index_entries=acfg.max_index_entries,
+            max_layer_entries=acfg.max_layer_entries,
         )
     )
 
@@ -566,6 +569,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
     from agent import bundle, lists
     from agent.registry import RegistryClient
 
+    _apply_limits(args)
     try:
         wanted_platforms = tuple(platforms.parse(p) for p in args.platform or ()) or (
             platforms.node(),

@@ -329,6 +329,19 @@ class ArchiveConfig:
         env="IMAGE_AGENT_MAX_IMAGE_LAYERS",
         help="layers of one image (overlayfs stacks at most 500)",
     )
+    max_index_entries: int = setting(
+        0,
+        flag="--max-index-entries",
+        env="IMAGE_AGENT_MAX_INDEX_ENTRIES",
+        help="index entries read for one archive, an index counted each time it is reached "
+        "(0: 33 per --max-archive-images, 33000 by default)",
+    )
+    max_layer_entries: int = setting(
+        100_000,
+        flag="--max-layer-entries",
+        env="IMAGE_AGENT_MAX_LAYER_ENTRIES",
+        help="layer entries read for one archive, a manifest counted each time it is reached",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

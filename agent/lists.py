@@ -23,8 +23,12 @@ from agent import refs
 # A list larger than this is refused whole: 4 MiB is about 40,000 references,
 # ten times the longest list seen (Che's merged external_images.txt).
 MAX_LIST_BYTES = 4 << 20
-# A line longer than this cannot hold a reference (at most 255 + tag + digest).
+# A reference, or one ``name=image`` item of an IMAGES line, longer than this
+# cannot be valid (a name is at most 255 bytes, plus a tag and a digest).
 MAX_LINE = 4096
+# An IMAGES line holds every item on one line: 1 MiB is about 8,000 items of
+# digest references, the longest at most 4096 bytes.
+MAX_IMAGES_LINE = 1 << 20
 
 _RELATED = re.compile(r"^(?:export\s+)?RELATED_IMAGE_([A-Za-z0-9_]+)\s*=\s*(.*)$")
 _IMAGES_PREFIX = re.compile(r"^(?:export\s+)?IMAGES\s*=\s*")
@@ -85,18 +89,27 @@ def parse(text: str, source: str) -> tuple[list[Entry], list[Problem]]:
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        if len(stripped) > MAX_LINE:
-            problems.append(Problem(source, lineno, stripped[:80], f"line over {MAX_LINE} bytes"))
+        if len(stripped) > MAX_IMAGES_LINE:
+            reason = f"line over {MAX_IMAGES_LINE} bytes"
+            problems.append(Problem(source, lineno, stripped[:80], reason))
             continue
         related = _RELATED.match(stripped)
+        body = "" if related else _unquote(_IMAGES_PREFIX.sub("", stripped))
+        if not ("=" in body or ";" in body) and len(stripped) > MAX_LINE:
+            # One reference a line (or one variable): the bound is the line's.
+            problems.append(Problem(source, lineno, stripped[:80], f"line over {MAX_LINE} bytes"))
+            continue
         if related:
             add(related.group(2), lineno, related.group(1))
             continue
-        body = _unquote(_IMAGES_PREFIX.sub("", stripped))
         if "=" in body or ";" in body:
             for item in body.split(";"):
                 item = item.strip()
                 if not item:
+                    continue
+                if len(item) > MAX_LINE:
+                    reason = f"item over {MAX_LINE} bytes"
+                    problems.append(Problem(source, lineno, item[:80], reason))
                     continue
                 name, sep, image = item.partition("=")
                 if not sep:

@@ -3,7 +3,7 @@
 Bundles are made on a connected machine for any platform, so they are
 fetched straight from registries: containerd's CRI only pulls the node's
 own platform. Handles anonymous, basic and bearer-token auth, follows blob
-redirects without leaking credentials to the storage host, and resumes
+and token-server redirects without leaking credentials to another host, and resumes
 interrupted blob downloads with HTTP ranges.
 
 Bearer tokens are kept until the ``expires_in`` their server stated (60 s
@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import http.client
 import ipaddress
+import math
 import re
 import time
 import urllib.error
@@ -45,6 +46,8 @@ MAX_TOKEN_DOC = 1 << 20
 DEFAULT_TOKEN_LIFETIME_S = 60.0
 # Tokens are fetched again this long before they expire, so none expires in flight.
 TOKEN_MARGIN_S = 10.0
+# Redirects followed when fetching a token.
+MAX_TOKEN_REDIRECTS = 5
 
 
 def split_host(host: str) -> str:
@@ -209,17 +212,7 @@ class RegistryClient:
             return False
         query = {k: v for k, v in params.items() if k in ("service", "scope")}
         query.setdefault("scope", scope)
-        req = urllib.request.Request(f"{realm}?{urllib.parse.urlencode(query)}")
-        if creds is not None:
-            self._secret_ok(host, realm)
-            req.add_header("Authorization", self._basic(creds))
-        try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                body = resp.read(MAX_TOKEN_DOC + 1)
-        except urllib.error.HTTPError as err:
-            raise self._error(err, realm) from None
-        except (urllib.error.URLError, OSError) as err:
-            raise RegistryError(f"{realm}: token request failed ({err})", retryable=True) from None
+        body = self._token_request(host, f"{realm}?{urllib.parse.urlencode(query)}", creds)
         try:
             doc = boundedjson.loads(body, what=f"{realm} token", max_bytes=MAX_TOKEN_DOC)
         except boundedjson.JSONLimitError as err:
@@ -230,12 +223,42 @@ class RegistryClient:
         if not token or not isinstance(token, str):
             return False
         lifetime = doc.get("expires_in")
-        if not isinstance(lifetime, int | float) or isinstance(lifetime, bool) or lifetime <= 0:
+        if (
+            not isinstance(lifetime, int | float)
+            or isinstance(lifetime, bool)
+            or not math.isfinite(lifetime)
+            or lifetime <= 0
+        ):
             lifetime = DEFAULT_TOKEN_LIFETIME_S
         lifetime = min(float(lifetime), 86400.0)
         renew_in = lifetime - min(TOKEN_MARGIN_S, lifetime / 2)
         self._tokens[(host, scope)] = (token, self.clock() + renew_in)
         return True
+
+    def _token_request(self, host: str, url: str, creds: auth.Credentials | None) -> bytes:
+        """The token server's answer, following redirects by hand: the credentials go
+        only to the realm's own scheme and host, never to where it redirects elsewhere."""
+        origin = urllib.parse.urlsplit(url)[:2]
+        if creds is not None:
+            self._secret_ok(host, url)
+        for _ in range(MAX_TOKEN_REDIRECTS + 1):
+            req = urllib.request.Request(url)
+            if creds is not None and urllib.parse.urlsplit(url)[:2] == origin:
+                req.add_header("Authorization", self._basic(creds))
+            try:
+                with self._opener.open(req, timeout=self.timeout) as resp:
+                    return resp.read(MAX_TOKEN_DOC + 1)  # type: ignore[no-any-return]
+            except urllib.error.HTTPError as err:
+                if err.code not in (301, 302, 303, 307, 308):
+                    raise self._error(err, url) from None
+                url = urllib.parse.urljoin(url, err.headers.get("Location", ""))
+                if not url.startswith(("https://", "http://")):
+                    raise RegistryError(f"{host}: token server redirects to {url!r}") from None
+            except (urllib.error.URLError, OSError) as err:
+                raise RegistryError(
+                    f"{url}: token request failed ({err})", retryable=True
+                ) from None
+        raise RegistryError(f"{host}: token server redirects more than {MAX_TOKEN_REDIRECTS} times")
 
     @staticmethod
     def _error(err: urllib.error.HTTPError, url: str) -> RegistryError:

@@ -434,15 +434,12 @@ def test_daemon_marks_a_long31_archive_failed_once(
 def test_verify_refuses_hostile_archives_in_one_line(
     case: str, cli, node: Platform, tmp_path: Path
 ) -> None:
-    """verify gives the same one-line reason as import for the hostile archives, quickly, no traceback."""
-    import time
-
+    """verify gives the same one-line reason as import for the hostile archives, in seconds
+    rather than hours (the generous deadline only catches a hang on a busy machine), no traceback."""
     make, reason = CASES[case]
     path = tmp_path / f"{case}.tar"
     path.write_bytes(make(node))
-    start = time.monotonic()
-    result = cli("verify", str(path))
-    assert time.monotonic() - start < 10
+    result = cli("verify", str(path), timeout=120)
     assert result.code == 1, result
     assert "Traceback" not in result.err
     (line,) = result.err.strip().splitlines()
@@ -492,8 +489,6 @@ def _index_fan_out(node: Platform, n: int = 200) -> bytes:
 
 def test_index_fan_out_is_bounded(node: Platform, tmp_path: Path) -> None:
     """Indexes that all name the same next index (n*n entries from 2 blobs) stop at the entry limit, not after n*n visits."""
-    import time
-
     from agent.archive import limits
     from agent.errors import ArchiveError
     from agent.verify import verify
@@ -502,27 +497,34 @@ def test_index_fan_out_is_bounded(node: Platform, tmp_path: Path) -> None:
     path.write_bytes(_index_fan_out(node, 300))  # 90,000 manifests reached without the limit
     previous = limits.configure(limits.Limits(max_index_entries=2000))
     try:
-        start = time.monotonic()
         with pytest.raises(ArchiveError, match="more than 2000 index entries in all"):
             verify(str(path))
-        assert time.monotonic() - start < 3
+        # The work done, counted rather than timed: the entries read stop within one index
+        # of the limit.
+        assert limits.counted()["index"] <= 2000 + 300
     finally:
         limits.configure(previous)
 
 
-def test_docker_manifest_layer_total_is_bounded(cli, client: Containerd, tmp_path: Path) -> None:
-    """400 images of 500 layers each in manifest.json (200,000 layer entries, under 4 MiB) are refused by the total."""
-    import time
-
-    layers = [f"{i:03x}.tar" for i in range(500)]
-    entry = {"Config": "c.json", "RepoTags": [], "Layers": layers}
-    doc = json.dumps([entry] * 400, separators=(",", ":")).encode()
-    assert len(doc) < 4 << 20
+def test_docker_archive_layer_total_is_bounded(
+    cli, client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """A docker archive over --max-layer-entries in all is refused in one line naming the flag;
+    at the limit it imports (each layer counted once)."""
+    images = [
+        samples.SampleImage(
+            f"many{i}:1",
+            (samples.Variant(node, tuple(samples.Layer({f"f{i}{j}": b"x"}) for j in range(2))),),
+        )
+        for i in range(3)
+    ]
     path = tmp_path / "many-layers.tar"
-    path.write_bytes(samples.archive_bytes([("manifest.json", doc)]))
-    start = time.monotonic()
-    result = cli("import", str(path))
-    assert time.monotonic() - start < 10
+    path.write_bytes(samples.docker_archive(images))
+    result = cli("import", "--max-layer-entries", "5", str(path))
     assert result.code == 1, result
-    assert "more than 100000 layer entries in all" in result.err
+    (line,) = result.err.strip().splitlines()
+    assert "more than 5 layer entries in all" in line and "--max-layer-entries" in line, line
     assert_nothing_imported(client)
+    result = cli("import", str(path), timeout=120)
+    assert result.code == 0, result
+    assert "docker.io/library/many2:1" in cri_by_tag(client)

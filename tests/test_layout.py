@@ -222,3 +222,183 @@ def test_header_guard_reads_sizes_as_tarfile_does(size_field: bytes) -> None:
     header[148:156] = f"{sum(header):06o}\0 ".encode()
     with pytest.raises(ArchiveError, match="extended header of"):
         list(walk(io.BytesIO(bytes(header) + b"1 " * 100_000)))
+
+
+def _ustar_header(name: str, size: int, typ: bytes) -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size, info.type = size, typ
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def test_pax_padding_that_is_not_zero_is_refused() -> None:
+    """A pax record hidden in the padding of an extended header (tarfile reads it, the guard
+    would not) is refused, so the guard and tarfile never disagree on member sizes."""
+    import tarfile
+
+    record, hidden = b"10 path=a\n", b"9 size=0\n"
+    raw = _ustar_header("PaxHeader", len(record), tarfile.XHDTYPE)
+    raw += (record + hidden).ljust(512, b"\0")
+    raw += _ustar_header("a", 512, tarfile.REGTYPE) + b"\0" * 512
+    raw += _ustar_header("b", 0, tarfile.REGTYPE) + b"\0" * 1024
+    with pytest.raises(ArchiveError, match="padding is not all zero"):
+        list(walk(io.BytesIO(raw)))
+    clean = _ustar_header("PaxHeader", len(record), tarfile.XHDTYPE) + record.ljust(512, b"\0")
+    clean += _ustar_header("a", 0, tarfile.REGTYPE) + b"\0" * 1024
+    assert [m.name for m, _ in walk(io.BytesIO(clean))] == ["a"]
+
+
+@pytest.mark.parametrize("typ", [b"L", b"g", b"K"])
+def test_long_chains_of_extended_headers_are_refused(typ: bytes) -> None:
+    """Extended headers in a row past the limit give one clear error, not tarfile's RecursionError."""
+    from agent.archive.tarstream import MAX_EXTENDED_CHAIN
+
+    def archive(n: int) -> bytes:
+        chain = b"".join(_ustar_header("x", 0, typ) for _ in range(n))
+        return chain + _ustar_header("a", 0, b"0") + b"\0" * 1024
+
+    with pytest.raises(ArchiveError, match=f"more than {MAX_EXTENDED_CHAIN} extended headers"):
+        list(walk(io.BytesIO(archive(2000))))
+    with pytest.raises(ArchiveError, match="extended headers in a row"):
+        list(walk(io.BytesIO(archive(MAX_EXTENDED_CHAIN + 1))))
+    assert len(list(walk(io.BytesIO(archive(MAX_EXTENDED_CHAIN))))) == 1
+
+
+def test_appledouble_blob_files_are_skipped() -> None:
+    """blobs/sha256/._<hex> (macOS bsdtar's resource forks) are skipped with a warning, not fatal."""
+    from structlog.testing import capture_logs
+
+    hexd = "a" * 64
+    data = samples.archive_bytes(
+        [(f"blobs/sha256/._{hexd}", b"\0\5\26\7junk"), (f"blobs/sha256/{hexd}", b"x")]
+    )
+    with capture_logs() as logged:
+        assert [m.name for m, _ in walk(io.BytesIO(data))] == [f"blobs/sha256/{hexd}"]
+    assert [e["event"] for e in logged] == ["archive.member_ignored"]
+    assert logged[0]["member"] == f"blobs/sha256/._{hexd}"
+
+
+# -- per-archive counts ------------------------------------------------------------------
+
+
+def _index_doc(n: int) -> bytes:
+    entry = {"mediaType": layout.OCI_MANIFEST, "digest": "sha256:" + "a" * 64, "size": 1}
+    return layout.dump_json({"schemaVersion": 2, "manifests": [entry] * n})
+
+
+def test_docker_archive_layers_count_once_against_the_total(node: Platform, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A docker archive's layers count once against --max-layer-entries: 2 images of 3 layers
+    pass a limit of 6 and fail one of 5 (not 12 counted, as when manifest.json counted too)."""
+    from agent.verify import verify
+
+    images = [
+        samples.SampleImage(
+            f"d{i}:1",
+            (samples.Variant(node, tuple(samples.Layer({f"f{i}{j}": b"x"}) for j in range(3))),),
+        )
+        for i in range(2)
+    ]
+    path = tmp_path / "docker.tar"
+    path.write_bytes(samples.docker_archive(images))
+    previous = limits.configure(limits.Limits(max_layer_entries=6))
+    try:
+        assert len(verify(str(path)).result.images) == 2
+        limits.configure(limits.Limits(max_layer_entries=5))
+        with pytest.raises(ArchiveError, match="more than 5 layer entries in all"):
+            verify(str(path))
+    finally:
+        limits.configure(previous)
+
+
+def test_index_entry_limit_scales_with_max_manifests() -> None:
+    """By default the index entry total follows --max-archive-images (33 per image); set, it is exact."""
+    assert limits.Limits().index_entry_limit == 33_000
+    assert limits.Limits(max_manifests=2000).index_entry_limit == 66_000
+    assert limits.Limits(max_index_entries=300).index_entry_limit == 300
+    with pytest.raises(Exception, match="max_index_entries must be positive"):
+        limits.Limits(max_index_entries=-1).check()
+
+
+def test_bundle_shaped_archive_of_1000_images_verifies(node: Platform, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """1,000 images (the --max-archive-images default), each with its registry index of 16
+    platforms and attestations as bundles keep them, pass the default limits."""
+    from agent.verify import verify
+
+    image = samples.simple_image("x:1", {"f": b"x"}, node)
+    entries = dict(_tar_entries(samples.oci_archive([image])))
+    manifest = next(d for d in entries.values() if layout.OCI_MANIFEST.encode() in d[:80])
+    m = {"mediaType": layout.OCI_MANIFEST, "digest": layout.sha256(manifest), "size": len(manifest)}
+    other = [
+        {
+            **m,
+            "digest": "sha256:" + f"{k:064x}",
+            "platform": {"os": "linux", "architecture": f"a{k}"},
+        }
+        for k in range(15)
+    ]
+    top = []
+    for i in range(1000):
+        doc = layout.dump_json(
+            {
+                "schemaVersion": 2,
+                "mediaType": layout.OCI_INDEX,
+                "manifests": [
+                    {**m, "platform": {"os": node.os, "architecture": node.architecture}},
+                    *other,
+                ],
+                "annotations": {"n": str(i)},
+            }
+        )
+        d = layout.sha256(doc)
+        entries[f"blobs/sha256/{d[7:]}"] = doc
+        top.append(
+            {
+                "mediaType": layout.OCI_INDEX,
+                "digest": d,
+                "size": len(doc),
+                "annotations": {layout.ANNOTATION_IMAGE_NAME: f"img{i}:1"},
+            }
+        )
+    entries["index.json"] = layout.dump_json({"schemaVersion": 2, "manifests": top})
+    path = tmp_path / "bundle.tar"
+    path.write_bytes(samples.archive_bytes(entries.items()))
+    assert len(verify(str(path)).result.images) == 1000
+
+
+def _tar_entries(archive: bytes) -> list[tuple[str, bytes]]:
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+
+
+def test_documents_outside_an_archive_are_counted_one_at_a_time() -> None:
+    """Documents parsed with no archive begun are bounded each on its own: counts never pile up
+    for the life of the thread (a long fuzz run went blind that way)."""
+    import threading
+
+    from tests.fuzz import targets
+
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            for _ in range(5):
+                layout.parse_index(_index_doc(3))
+            for _ in range(5):
+                targets.layout_docs(_index_doc(3))
+                assert limits.counted()["index"] == 3
+                targets.bundle_manifest(_index_doc(3))
+                assert limits.counted()["index"] == 3
+        except BaseException as err:
+            errors.append(err)
+
+    previous = limits.configure(limits.Limits(max_index_entries=5))
+    try:
+        thread = threading.Thread(target=run)  # a thread of its own: no archive begun in it
+        thread.start()
+        thread.join(60)
+    finally:
+        limits.configure(previous)
+    assert not thread.is_alive() and not errors, errors

@@ -239,8 +239,9 @@ def parse_docker_manifest(data: bytes) -> tuple[DockerEntry, ...]:
             raise ArchiveError(f"{where} has no Config")
         if not isinstance(layers, list) or not all(isinstance(x, str) for x in layers):
             raise ArchiveError(f"{where} has no Layers list")
+        # Only the per-image bound here: the total is counted once, when the
+        # importer reads the manifest it makes for each image.
         _check_count(len(layers), limits.current().max_layers, where, "layers", "max_layers")
-        limits.count_layer_entries(len(layers), where)
         if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
             raise ArchiveError(f"{where} has invalid RepoTags")
         entries.append(

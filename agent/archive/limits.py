@@ -28,6 +28,9 @@ MIN_WINDOW = 8 * MiB
 
 DEFAULT_MEMORY_BUDGET = 224 * MiB
 
+# Index entries allowed per image when max_index_entries is derived (0).
+INDEX_ENTRIES_PER_IMAGE = 32
+
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
@@ -53,11 +56,22 @@ class Limits:
     # Index entries read while resolving one archive, counting an index each
     # time it is reached. Without it, indexes that all point at the same next
     # index multiply: 1,000 x 1,000 x 1,000 entries from three small blobs.
-    # 500 images of 20 platforms and attestations each need 10,500.
-    max_index_entries: int = 12_000
+    # 0 means INDEX_ENTRIES_PER_IMAGE for each of max_manifests images, plus
+    # the top index: bundles keep every image's registry index whole, about
+    # 16 entries of platforms and attestations for an official image. Each
+    # entry followed costs a manifest and a config parsed: at the default
+    # (33,000) a hostile archive is refused after some seconds, not hours.
+    max_index_entries: int = 0
     # Layer entries read for one archive, counted per manifest reached (so
     # the same way): 500 images x 10 platforms x 10 layers need 50,000.
     max_layer_entries: int = 100_000
+
+    @property
+    def index_entry_limit(self) -> int:
+        """max_index_entries, or the bound derived from max_manifests when it is 0."""
+        if self.max_index_entries:
+            return self.max_index_entries
+        return self.max_manifests * (1 + INDEX_ENTRIES_PER_IMAGE)
 
     @property
     def zstd_window(self) -> int:
@@ -76,7 +90,8 @@ class Limits:
                 f"{(RESERVED + MIN_WINDOW) >> 20} MiB the agent needs"
             )
         for f in dataclasses.fields(self):
-            if getattr(self, f.name) <= 0:
+            value = getattr(self, f.name)
+            if value < 0 or (value == 0 and f.name != "max_index_entries"):
                 raise UsageError(f"archive limit {f.name} must be positive")
 
 
@@ -102,24 +117,33 @@ def begin_archive() -> None:
     _archive.counts = {}
 
 
+def counted() -> dict[str, int]:
+    """The counts of this thread's current archive so far (empty before any archive)."""
+    return dict(getattr(_archive, "counts", None) or {})
+
+
 def count_index_entries(n: int, what: str) -> None:
     """Add ``n`` index entries read for the current archive; ArchiveError past the limit."""
-    _count("index", n, _current.max_index_entries, what, "max_index_entries")
+    _count("index", n, _current.index_entry_limit, what, "--max-index-entries")
 
 
 def count_layer_entries(n: int, what: str) -> None:
     """Add ``n`` layer entries read for the current archive; ArchiveError past the limit."""
-    _count("layer", n, _current.max_layer_entries, what, "max_layer_entries")
+    _count("layer", n, _current.max_layer_entries, what, "--max-layer-entries")
 
 
-def _count(kind: str, n: int, bound: int, what: str, setting: str) -> None:
-    counts: dict[str, int] = getattr(_archive, "counts", None) or {}
-    _archive.counts = counts
+def _count(kind: str, n: int, bound: int, what: str, flag: str) -> None:
+    counts: dict[str, int] | None = getattr(_archive, "counts", None)
+    if counts is None:
+        # A document read outside any archive (one from containerd, say) is
+        # bounded on its own: kept, its count would grow for the life of the
+        # thread and in the end refuse every document.
+        counts = {}
     counts[kind] = total = counts.get(kind, 0) + n
     if total > bound:
         raise ArchiveError(
             f"{what}: the archive lists more than {bound} {kind} entries in all, "
-            f"counting each time a document is reached (limit {setting})"
+            f"counting each time a document is reached (limit {flag})"
         )
 
 

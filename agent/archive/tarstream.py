@@ -27,6 +27,7 @@ from typing import IO, BinaryIO, Protocol
 
 import zstandard
 
+from agent import logs
 from agent.archive import limits
 from agent.archive.compression import Compression, open_stream
 from agent.errors import ArchiveError
@@ -46,6 +47,10 @@ _SUPPORTED_TYPES = _REGULAR_TYPES | frozenset(b"123456LKxgX")
 # of at most 20 digits (sizes, times) and paths.
 MAX_DIGIT_RUN = 64
 _DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (MAX_DIGIT_RUN + 1))
+# The most extended headers (pax, global pax, GNU long names) allowed in a row
+# before a member. Real archives use at most three (g, x; or L, K); tarfile
+# reads each further one a level deeper in recursion.
+MAX_EXTENDED_CHAIN = 8
 
 READ_BUFFER = 1 << 20
 
@@ -83,6 +88,12 @@ def safe_name(name: str, *, what: str = "tar entry") -> str:
     if ".." in parts:
         raise ArchiveError(f"{what} {name!r} leaves the archive ('..')")
     return "/".join(parts)
+
+
+def is_appledouble_blob(name: str) -> bool:
+    """True for ``blobs/<algorithm>/._<hex>``: the resource forks macOS bsdtar adds beside files."""
+    parts = name.split("/")
+    return len(parts) == 3 and parts[0] == "blobs" and parts[2].startswith("._")
 
 
 def describe_damage(err: BaseException, compression: Compression) -> str:
@@ -187,6 +198,8 @@ class HeaderGuard(io.RawIOBase):
         self._buf = bytearray()
         self._ext_type = -1  # type of the extended header whose data is being collected
         self._ext_start = 0
+        self._ext_size = 0  # declared size of that header's data (the rest is padding)
+        self._chain = 0  # extended headers since the last member
         self._size_override: int | None = None
         self._seen_pax = False
         self._extended_total = 0
@@ -244,6 +257,11 @@ class HeaderGuard(io.RawIOBase):
         if kind == _SPARSE_TYPE:
             raise ArchiveError(f"{where}: sparse members are not supported in image archives")
         if kind in _PAX_TYPES or kind == _GLOBAL_TYPE or kind in _GNU_LONG_TYPES:
+            self._chain += 1
+            if self._chain > MAX_EXTENDED_CHAIN:
+                raise ArchiveError(
+                    f"{where}: more than {MAX_EXTENDED_CHAIN} extended headers in a row"
+                )
             if size > bounds.max_extended_header:
                 raise ArchiveError(
                     f"{where}: extended header of {size} bytes exceeds the "
@@ -259,8 +277,10 @@ class HeaderGuard(io.RawIOBase):
                 if self._seen_pax:
                     raise ArchiveError(f"{where}: two pax headers for one member")
                 self._seen_pax = True
-            self._ext_type, self._ext_start = kind, offset
-            self._need = size
+            self._ext_type, self._ext_start, self._ext_size = kind, offset, size
+            # The padding is collected too: tarfile reads the whole blocks and,
+            # for pax, parses records in the padding as well.
+            self._need = _blocks(size)
             self._skip = 0
             if size == 0:
                 self._extended(b"")
@@ -274,13 +294,18 @@ class HeaderGuard(io.RawIOBase):
             self._skip = _blocks(size)
         self._size_override = None
         self._seen_pax = False
+        self._chain = 0
 
-    def _extended(self, data: bytes) -> None:
-        kind, size = self._ext_type, len(data)
+    def _extended(self, blocks: bytes) -> None:
+        kind, size = self._ext_type, self._ext_size
         where = f"tar header at byte {self._ext_start}"
         self._ext_type = -1
         self._need = BLOCK
-        self._skip = _blocks(size) - size  # the padding of the data's last block
+        data, padding = blocks[:size], blocks[size:]
+        if padding.count(0) != len(padding):
+            # Tools pad with zeros. Anything else is read by tarfile (as more
+            # pax records, on some versions) but not by this guard.
+            raise ArchiveError(f"{where}: extended header padding is not all zero bytes")
         if kind in _PAX_TYPES or kind == _GLOBAL_TYPE:
             records = parse_pax(data, where)
             if any(k.startswith(b"GNU.sparse.") for k in records):
@@ -317,6 +342,12 @@ def walk(raw: BinaryIO) -> Iterator[tuple[Member, Reader | None]]:
             count += 1
             tar.members = []  # type: ignore[attr-defined]  # stream mode would keep every header in memory
             name = safe_name(info.name)
+            if is_appledouble_blob(name):
+                # No document names such a file: skipping it loses nothing.
+                logs.get().warning(
+                    "archive.member_ignored", member=name, reason="macOS AppleDouble file"
+                )
+                continue
             if info.isreg():
                 data = tar.extractfile(info)
                 assert data is not None

@@ -23,7 +23,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/fuzz")
     parser.add_argument("target")
     parser.add_argument("seconds", type=int)
-    parser.add_argument("--timeout", type=int, default=10, help="seconds one input may take")
+    parser.add_argument("--timeout", type=int, default=30, help="seconds one input may take")
     parser.add_argument("--rss-mb", type=int, default=1024, help="memory limit of the process")
     parser.add_argument("--keep", default="", help="directory for the inputs found")
     parser.add_argument("--artifacts", default="", help="directory for crash inputs")

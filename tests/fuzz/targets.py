@@ -45,6 +45,7 @@ def archive(data: bytes) -> None:
 
 def layout_docs(data: bytes) -> None:
     """One metadata document through every layout parser, as index, manifest and config."""
+    limits.begin_archive()  # each input is an archive of its own: counts do not carry over
     for parse in (
         lambda d: layout.parse_index(d),
         lambda d: layout.parse_manifest(d, "manifest"),
@@ -60,6 +61,7 @@ def layout_docs(data: bytes) -> None:
 
 def bundle_manifest(data: bytes) -> None:
     """A registry's manifest answer as ``bundle`` reads it: kind, then index or manifest."""
+    limits.begin_archive()  # as bundle does for each image
     try:
         kind = layout.document_kind("", data, "registry manifest")
         if kind == "index":

@@ -21,13 +21,17 @@ pytestmark = pytest.mark.slow
 
 # Seconds per target in the suite: six targets stay under two minutes.
 SECONDS = int(os.environ.get("IMAGE_AGENT_FUZZ_SECONDS", "10"))
+# Seconds one input may take. The slowest seed takes about 20 ms uninstrumented;
+# the bound is for inputs that hang or take hours, so it is generous enough for a
+# loaded 2-core CI machine (a slow machine must not look like a finding).
+INPUT_TIMEOUT = 30
 TARGETS = ["archive", "layout", "bundle-manifest", "pull-list", "reference", "cluster-report"]
 
 
 def _run(target: str, artifacts: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "tests.fuzz.run", target, str(SECONDS),
-         "--timeout", "5", "--rss-mb", "768", "--artifacts", str(artifacts)],
+         "--timeout", str(INPUT_TIMEOUT), "--rss-mb", "768", "--artifacts", str(artifacts)],
         cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 90,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
     )  # fmt: skip
@@ -40,4 +44,7 @@ def test_fuzz_target(target: str, tmp_path: Path) -> None:
     tail = "\n".join(result.stderr.splitlines()[-40:])
     assert result.returncode == 0, f"{target}: {tail}"
     runs = re.search(r"stat::number_of_executed_units: (\d+)", result.stderr)
-    assert runs and int(runs.group(1)) > 100, tail
+    # Past the seeds: new inputs ran (how many depends on the machine's load, so no
+    # fixed count).
+    seeds = len(list((ROOT / "tests" / "fuzz" / "corpus" / target).iterdir()))
+    assert runs and int(runs.group(1)) > seeds, tail
