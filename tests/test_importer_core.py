@@ -181,7 +181,7 @@ def test_stop_while_resolving_a_huge_manifest() -> None:
     finally:
         limits.configure(previous)
     assert blobs.reads <= 101
-    assert time.monotonic() - started < 2
+    assert time.monotonic() - started < 30  # "not minutes": the read count is the real bound
 
 
 def test_failed_record_write_moves_tag_back(tmp_path: Path) -> None:
