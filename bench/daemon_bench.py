@@ -9,6 +9,12 @@
   archives, against importing the 50 again, which is what k3s does at every
   start without .cache.json;
 - idle: CPU seconds and RSS of the daemon over 20 s with nothing to do.
+
+    .venv/bin/python -m bench.daemon_bench --many 5000
+
+- many: N small archives (one tiny image each, distinct names) renamed into
+  the watched directory at once: seconds until the last is imported, CPU
+  seconds and peak RSS of the daemon over that time.
 """
 
 from __future__ import annotations
@@ -72,11 +78,58 @@ def drop(src: Path, d: Daemon, name: str) -> None:
     os.rename(tmp, d.images / name)
 
 
+def many(count: int, settle: float) -> int:
+    """Drop ``count`` small archives at once; time, CPU and peak RSS until all are imported."""
+    node = platforms.node()
+    work = Path(tempfile.mkdtemp(prefix="ia-dmany-", dir="/tmp"))
+    ctd = PrivateContainerd(work / "ctd")
+    ctd.start()
+    try:
+        d = Daemon(ctd, work / "d", ["--settle", str(settle), "--listen", ""])
+        staging = work / "staging"
+        staging.mkdir()
+        payload = {"f": b"x" * 1024}
+        for i in range(count):
+            name = f"many/img{i}:1"
+            (staging / f"a{i:05}.tar").write_bytes(
+                samples.oci_archive([samples.simple_image(name, payload, node)])
+            )
+        d.start()
+        cpu0, rss_peak = d.cpu_rss()
+        start = time.monotonic()
+        for path in sorted(staging.iterdir()):
+            os.rename(path, d.images / path.name)
+        done = 0
+        while done < count:
+            if time.monotonic() - start > 7200:
+                raise TimeoutError(f"{done} of {count} imported after 2 h")
+            time.sleep(1.0)  # sampling interval of the measurement
+            _, rss = d.cpu_rss()
+            rss_peak = max(rss_peak, rss)
+            done = d.log_path.read_bytes().count(b'"event": "import.done"')
+        elapsed = time.monotonic() - start
+        cpu1, rss = d.cpu_rss()
+        rss_peak = max(rss_peak, rss)
+        print(
+            f"{count} small archives dropped at once: all imported after {elapsed:.1f} s "
+            f"({count / elapsed:.1f}/s), daemon CPU {cpu1 - cpu0:.1f} s "
+            f"({100 * (cpu1 - cpu0) / elapsed:.0f}% of one core), peak RSS {rss_peak:.1f} MiB"
+        )
+        d.stop(timeout=60)
+    finally:
+        ctd.cleanup()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-big", action="store_true", help="leave out the 1.1 GB archive")
     parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument("--many", type=int, default=0, help="only the N-small-archives run")
     args = parser.parse_args()
+    if args.many:
+        return many(args.many, args.settle)
     node = platforms.node()
     work = Path(tempfile.mkdtemp(prefix="ia-dbench-", dir="/tmp"))
     ctd = PrivateContainerd(work / "ctd")
