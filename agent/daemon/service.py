@@ -176,7 +176,14 @@ class Daemon:
     def run(self, stop: threading.Event) -> None:
         """Run every duty until ``stop`` is set."""
         self.s.images_dir.mkdir(parents=True, exist_ok=True)
-        self.store.requests_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.store.requests_dir.mkdir(parents=True, exist_ok=True)
+            watch_requests = True
+        except OSError as err:
+            # A read-only or full state directory: retry requests are still
+            # taken, at the archives duty's next turn rather than at once.
+            self.log.warning("requests.unwatched", dir=str(self.store.requests_dir), error=str(err))
+            watch_requests = False
         routes: list[tuple[Callable[[Path], bool], queue.SimpleQueue[str]]] = [
             (self._wants_archive, self.archives.events)
         ]
@@ -186,7 +193,8 @@ class Daemon:
         observer = Observer()
         observer.schedule(handler, str(self.s.images_dir), recursive=True)
         # `image-agent retry` drops a request file here; its event wakes the archives duty.
-        observer.schedule(handler, str(self.store.requests_dir), recursive=False)
+        if watch_requests:
+            observer.schedule(handler, str(self.store.requests_dir), recursive=False)
         if self.lists is not None:
             for parent in {p.parent for p in self.lists.extra if p.parent.is_dir()}:
                 observer.schedule(handler, str(parent), recursive=False)

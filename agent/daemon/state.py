@@ -199,11 +199,23 @@ class Store:
                     self._db = None  # open afresh next time (the disk may be back)
                 raise self._error(err) from None
 
+    def _initialized(self) -> bool:
+        """Whether the database exists and has its tables (a reader's question)."""
+        if not self.path.exists():
+            return False
+        found = self._run(
+            lambda db: db.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+        )
+        return bool(found and found[0])
+
     # -- archives ----------------------------------------------------------------
 
     def load(self) -> dict[str, Record]:
         """Every archive record. A missing database is empty (or the legacy file's, read-only)."""
-        if self.readonly and not self.path.exists():
+        if self.readonly and not self._initialized():
+            # No database yet (a daemon of the JSON era, or one that could not write).
             return {r.path: r for r in _read_legacy(self.legacy, self._log) or []}
         rows: list[tuple[str]] = self._run(
             lambda db: db.execute("SELECT doc FROM archives").fetchall()
@@ -249,7 +261,7 @@ class Store:
         self._run(write)
 
     def _get_meta(self, key: str) -> Any:
-        if self.readonly and not self.path.exists():
+        if self.readonly and not self._initialized():
             return None
         try:
             row = self._run(
