@@ -12,7 +12,7 @@ import os
 import socket
 import sqlite3
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +89,14 @@ class FakeImporter:
         self.ctd = ctd
         self.behaviour: dict[str, BaseException] = {}
         self.calls: list[str] = []
+        self.around: Callable[[str, Callable[[], ImportResult]], ImportResult] | None = None
 
     def import_file(self, path: str) -> ImportResult:
+        if self.around is not None:
+            return self.around(path, lambda: self._import(path))
+        return self._import(path)
+
+    def _import(self, path: str) -> ImportResult:
         self.calls.append(path)
         self.ctd._check()
         err = self.behaviour.get(path)
@@ -183,7 +189,7 @@ def env(tmp_path: Path) -> Env:
     return Env(tmp_path)
 
 
-def events(cap: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+def events(cap: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
     return [e for e in cap if e["event"] == name]
 
 
@@ -352,22 +358,34 @@ def test_same_size_same_mtime_rewrite_is_noticed_while_running(env: Env) -> None
     assert env.importer.calls == [str(path), str(path)]
 
 
-def test_lease_cleanup_only_before_the_first_import(env: Env) -> None:
-    """Leases of an earlier daemon are released before our first import, and never again."""
+def test_leases_released_only_between_imports(env: Env) -> None:
+    """Leftover leases of ours go before the first import and after an outage, never during one."""
     env.ctd.leases["old"] = {"image-agent/owner": "daemon"}
     env.ctd.leases["someone-else"] = {}
+    seen_during: list[bool] = []
+
+    def import_with_lease(path: str, real_import: Callable[[], ImportResult]) -> ImportResult:
+        env.ctd.leases["mine"] = {"image-agent/owner": "daemon"}
+        env.clock.now += 60  # a long import: the health duty would have ticked
+        result = real_import()
+        seen_during.append("mine" in env.ctd.leases)
+        del env.ctd.leases["mine"]
+        return result
+
+    env.importer.around = import_with_lease
     a = env.archive("a.tar")
     env.duty.start_up()
     env.settle_and_step(1)
     assert env.state(a).state is State.IMPORTED
-    assert list(env.ctd.leases) == ["someone-else"]
-    # A lease of ours seen later belongs to an import in flight: left alone.
-    env.ctd.leases["in-flight"] = {"image-agent/owner": "daemon"}
+    assert sorted(env.ctd.leases) == ["someone-else"]
+    # containerd went away during an import: its lease outlived it.
+    env.ctd.leases["left-by-outage"] = {"image-agent/owner": "daemon"}
     env.duty.containerd_back.set()
     env.archive("b.tar")
     env.duty.events.put(str(env.images / "b.tar"))
     env.settle_and_step(2)
-    assert "in-flight" in env.ctd.leases
+    assert sorted(env.ctd.leases) == ["someone-else"]
+    assert seen_during == [True, True]
 
 
 def test_cancelled_import_goes_back_to_pending(env: Env) -> None:

@@ -437,6 +437,7 @@ class ArchivesDuty:
         self._set(replace(out.record, interrupted=0))
         if out.counts_as_outage:
             self.outage_attempts += 1
+            self._leases_checked = False  # its lease may have outlived it
         if out.retry_in_s is not None:
             self.not_before[path] = self.monotonic() + out.retry_in_s
         if out.record.state is State.FAILED:
@@ -478,12 +479,17 @@ class ArchivesDuty:
         waiting = plan.retry_now(self.records, self.not_before)
         self.not_before = waiting
         self.outage_attempts = 0
+        self._leases_checked = False
         self._reconcile()
 
     def _cleanup_leases(self) -> None:
-        """Before this daemon's first import: release what an earlier one left (kill -9).
+        """Before the first import, release the leases our imports left behind.
 
-        Only then: every lease of ours found later belongs to an import in flight.
+        Those of an earlier daemon (kill -9), and those of an import of ours that
+        containerd went away during (its lease could not be deleted then): the
+        check is due again after every outage. It runs on this thread right
+        before an import starts, so no import of ours is in flight; the health
+        duty never touches leases.
         """
         if self._leases_checked:
             return
