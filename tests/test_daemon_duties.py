@@ -13,7 +13,7 @@ import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -291,8 +291,15 @@ def test_full_disk_mid_import_waits_for_space(env: Env, tmp_path: Path) -> None:
     )
     assert out.record.state is State.PENDING and out.record.reason.startswith("insufficient")
     assert out.retry_in_s == plan.SPACE_RETRY_S
-    # The same failure with room on the disk is the archive's (or containerd's) fault.
-    out = plan.after_failure(rec, plan.Failure.CONTAINERD, "boom", None, 0, 5.0)
+    # containerd refusing a write while the disk has room again (its rollback
+    # freed it): still not the archive's fault; retried, slower each time.
+    out = plan.after_failure(rec, plan.Failure.CONTAINERD, "apply layer: ENOSPC", None, 0, 5.0)
+    assert out.record.state is State.PENDING and out.retry_in_s == plan.CONTAINERD_RETRY_S
+    later = replace(rec, attempts=20)
+    out = plan.after_failure(later, plan.Failure.CONTAINERD, "x", None, 0, 5.0)
+    assert out.retry_in_s == plan.CONTAINERD_RETRY_CAP_S
+    # The archive's own fault is permanent.
+    out = plan.after_failure(rec, plan.Failure.ARCHIVE, "corrupt", None, 0, 5.0)
     assert out.record.state is State.FAILED and out.retry_in_s is None
     # Stopping is never a failure, and does not count as an attempt.
     out = plan.after_failure(rec, plan.Failure.CANCELLED, "stopped", None, 0, 5.0)

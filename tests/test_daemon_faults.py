@@ -374,7 +374,7 @@ def test_containerd_disk_fills_during_import(daemon, tmp_path: Path, node: Platf
     base = Path(tempfile.mkdtemp(prefix="ia-full-", dir="/tmp"))
     ctd = PrivateContainerd(base)
     try:
-        with loop_fs(base / "root", 512):
+        with loop_fs(base / "root", 1024):
             ctd.start()
             d = DaemonProcess(ctd, tmp_path / "d", [])
             try:
@@ -402,6 +402,7 @@ def test_containerd_disk_fills_during_import(daemon, tmp_path: Path, node: Platf
                 filler.unlink()
                 freed = time.monotonic()
                 d.wait_state(big, "imported", timeout=300)
+                assert d.named("import.failed") == []
                 recovered("containerd disk full, space freed", time.monotonic() - freed)
                 with Containerd(ctd.address) as c:
                     assert_unpacked(c, cri_by_tag(c)["docker.io/library/full:1"])

@@ -198,10 +198,11 @@ def after_failure(
 ) -> Outcome:
     """The record after a failed import, and when to try again.
 
-    ``space_short`` is why containerd's disk is too full now (None if it is
-    not): a full disk is transient whatever the import said, so it waits for
-    space instead of blaming the archive. Stopping and containerd being away
-    are never the archive's fault either.
+    Only the archive's own faults (and defects) are permanent. ``space_short``
+    is why containerd's disk is too full now (None if it is not): then the
+    archive waits for space whatever the import said. Stopping, containerd
+    being away, and containerd refusing a write (ENOSPC that has been freed
+    again by the time we look) are retried.
     """
     if failure is Failure.CANCELLED:
         return Outcome(
@@ -222,6 +223,15 @@ def after_failure(
             delay,
             True,
         )
+    if failure is Failure.CONTAINERD:
+        # containerd refused (its disk filled, a snapshotter error): not the
+        # archive's fault. Retried, ever more slowly, with the reason shown.
+        delay = backoff(record.attempts, base=CONTAINERD_RETRY_S, cap=CONTAINERD_RETRY_CAP_S)
+        return Outcome(
+            replace(record, state=State.PENDING, reason=one_line(error), error=""),
+            delay,
+            False,
+        )
     return Outcome(
         replace(record, state=State.FAILED, error=one_line(error), finished_at=now_wall),
         None,
@@ -230,6 +240,8 @@ def after_failure(
 
 
 SPACE_RETRY_S = 5.0
+CONTAINERD_RETRY_S = 5.0
+CONTAINERD_RETRY_CAP_S = 600.0
 
 
 def one_line(text: str, limit: int = 400) -> str:
