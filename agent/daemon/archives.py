@@ -135,14 +135,17 @@ class ArchivesDuty:
         self.flush(force=True)
 
     def _wait(self, stop: threading.Event, timeout: float) -> None:
-        """Until an event arrives (it is put back for step), stop, or the timeout."""
+        """Until an event arrives (it is put back for step), or the timeout.
+
+        Stopping puts an empty event in the queue, so this returns at once then.
+        """
         deadline = self.monotonic() + timeout
         while not stop.is_set():
             left = deadline - self.monotonic()
             if left <= 0:
                 return
             try:
-                self.events.put(self.events.get(timeout=min(left, 0.5)))
+                self.events.put(self.events.get(timeout=left))
                 return
             except queue.Empty:
                 continue

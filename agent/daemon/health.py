@@ -26,7 +26,7 @@ from agent.errors import ContainerdUnavailable
 from agent.importer import Progress
 
 HEARTBEAT_S = 10.0  # the status record is rewritten this often
-TICK_S = 0.5
+TICK_S = 1.0
 PROGRESS_LOG_S = 10.0
 
 

@@ -71,7 +71,7 @@ class PullListsDuty:
         while not stop.is_set():
             timeout = self.step()
             with contextlib.suppress(queue.Empty):
-                self.events.put(self.events.get(timeout=min(timeout, 0.5)))
+                self.events.put(self.events.get(timeout=timeout))
 
     def start_up(self) -> None:
         for dirpath, dirnames, filenames in os.walk(self.images_dir):

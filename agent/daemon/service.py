@@ -223,6 +223,9 @@ class Daemon:
                         self.notifier.send(f"STATUS=unhealthy: {name} stopped")
         finally:
             stop.set()
+            self.archives.events.put("")  # wake the duties waiting for events
+            if self.lists is not None:
+                self.lists.events.put("")
             self.notifier.send("STOPPING=1")
             if self.puller is not None:
                 self.puller.stop()
