@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from agent import logs
+from agent import lists, logs
 from agent.daemon import files, plan
 from agent.daemon.archives import ArchivesDuty, ImportedImages, Settings
 from agent.daemon.health import HealthDuty, ProgressSink, Watchdog
 from agent.daemon.lock import StateLock, StateLocked
 from agent.daemon.metrics import Metrics
 from agent.daemon.notify import Notifier
+from agent.daemon.pull_lists import PullListsDuty
 from agent.daemon.state import Record, State, StateError, Store
 from agent.errors import ArchiveError, Cancelled, ContainerdUnavailable
 from agent.importer import ImportedImage, ImportResult, Progress
@@ -602,3 +603,55 @@ def test_status_table_escapes_names_and_lists_in_mtime_order(
     doc = json.loads(capsys.readouterr().out)
     assert set(doc) == {"daemon", "archives", "pulls"}
     assert [a["path"] for a in doc["archives"]] == [older.path, newer.path]
+
+
+def test_a_duty_that_dies_is_logged_once_and_marked_dead() -> None:
+    """An exception escaping a duty's loop is logged once with its traceback; the duty reads as dead."""
+    from agent.daemon.service import _Duty
+
+    def broken(stop: threading.Event) -> None:
+        raise ValueError("bad day")
+
+    duty = _Duty("archives", broken, logs.get())
+    with capture_logs() as cap:
+        duty.start(threading.Event())
+        duty.thread.join(10)
+    assert duty.died
+    died = events(cap, "duty.died")
+    assert len(died) == 1 and died[0]["duty"] == "archives"
+    assert died[0]["error"] == "ValueError: bad day" and "Traceback" in died[0]["traceback"]
+
+
+class FakeSources:
+    def __init__(self) -> None:
+        self.sources: dict[str, list[str]] = {}
+
+    def set_source(
+        self, source: str, entries: list[lists.Entry], problems: list[lists.Problem]
+    ) -> None:
+        self.sources[source] = [e.ref for e in entries]
+
+
+def test_pull_list_read_once_settled_and_dropped_when_gone(tmp_path: Path) -> None:
+    """A list being written is read only once it holds still; a removed list empties its source."""
+    clock = Clock()
+    images = tmp_path / "images"
+    images.mkdir()
+    sources = FakeSources()
+    duty = PullListsDuty(sources, images, (), 2.0, logs.get(), monotonic=clock, wall=lambda: 2e9)
+    duty.start_up()
+    path = images / "w.txt"
+    path.write_text("docker.io/library/alpine:3.19\n")
+    os.utime(path, (2e9, 2e9))  # written just now
+    duty.events.put(str(path))
+    assert duty.step() == 2.0
+    assert sources.sources == {}
+    clock.now += 2.0
+    duty.step()
+    assert sources.sources == {str(path): ["docker.io/library/alpine:3.19"]}
+    path.unlink()
+    duty.events.put(str(path))
+    duty.step()
+    clock.now += 2.0
+    duty.step()
+    assert sources.sources == {str(path): []}
