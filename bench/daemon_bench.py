@@ -15,11 +15,17 @@
 - many: N small archives (one tiny image each, distinct names) renamed into
   the watched directory at once: seconds until the last is imported, CPU
   seconds and peak RSS of the daemon over that time.
+
+    .venv/bin/python -m bench.daemon_bench --watchdog 2
+
+- watchdog: the 1.1 GB archive imported under WATCHDOG_USEC (2 s) and a real
+  notify socket: the longest gap between two WATCHDOG=1 during the import.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -122,14 +128,67 @@ def many(count: int, settle: float) -> int:
     return 0
 
 
+def watchdog(settle: float, usec: int) -> int:
+    """Import the 1.1 GB archive under WATCHDOG_USEC over a real notify socket; longest ping gap."""
+    import contextlib
+
+    from tests.test_daemon_faults import NotifiedDaemon
+
+    big = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
+    work = Path(tempfile.mkdtemp(prefix="ia-dwd-", dir="/tmp"))
+    ctd = PrivateContainerd(work / "ctd")
+    ctd.start()
+    d = NotifiedDaemon(ctd, work / "d", usec)
+    try:
+        d.start()
+        d.sock.settimeout(0.1)
+        tmp = d.images / ".big.tmp"
+        subprocess.run(["cp", str(big), str(tmp)], check=True)
+        pings: list[float] = []
+        started = done = 0.0
+        os.rename(tmp, d.images / "big.tar.zst")
+        deadline = time.monotonic() + 1800
+        next_look = 0.0
+        while not done and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                if "WATCHDOG=1" in d.sock.recv(4096).decode():
+                    pings.append(time.monotonic())
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + 0.5
+                if not started and d.named("import.started"):
+                    started = time.monotonic()
+                if d.named("import.done") or d.named("import.failed"):
+                    done = time.monotonic()
+        during = [p for p in pings if started - usec / 1e6 <= p <= done + usec / 1e6]
+        gaps = [b - a for a, b in itertools.pairwise(during)]
+        print(
+            f"1.1 GB import under WATCHDOG_USEC={usec / 1e6:.1f} s: import {done - started:.1f} s, "
+            f"{len(during)} pings, longest gap {max(gaps):.2f} s "
+            f"({'imported' if d.named('import.done') else 'FAILED'})"
+        )
+        d.stop(timeout=30)
+    finally:
+        if d.proc is not None:
+            d.kill()
+        d.close()
+        ctd.cleanup()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-big", action="store_true", help="leave out the 1.1 GB archive")
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--many", type=int, default=0, help="only the N-small-archives run")
+    parser.add_argument(
+        "--watchdog", type=float, default=0, help="only the watchdog run, WATCHDOG_USEC in seconds"
+    )
     args = parser.parse_args()
     if args.many:
         return many(args.many, args.settle)
+    if args.watchdog:
+        return watchdog(args.settle, int(args.watchdog * 1e6))
     node = platforms.node()
     work = Path(tempfile.mkdtemp(prefix="ia-dbench-", dir="/tmp"))
     ctd = PrivateContainerd(work / "ctd")
