@@ -15,7 +15,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, TypedDict
@@ -416,9 +416,12 @@ def _containerd_root(text: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
+    from agent.daemon.archives import ImportedImages, Settings
+    from agent.daemon.health import ProgressSink
+    from agent.daemon.lock import StateLock
     from agent.daemon.metrics import Metrics, serve
     from agent.daemon.notify import Notifier
-    from agent.daemon.service import OWNER, OWNER_LABEL, Daemon, Settings
+    from agent.daemon.service import OWNER, OWNER_LABEL, Daemon
     from agent.daemon.state import Store
 
     _apply_limits(args)
@@ -426,10 +429,17 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
     lcfg = config.resolve(config.LogConfig, args)
     logs.configure(lcfg.level, stream=sys.stdout)
     log = logs.get()
+    state_dir = Path(dcfg.state_dir)
+    lock = StateLock(state_dir)
+    lock.acquire()  # one daemon per state directory; a second one says who holds it
     client, ccfg = _client(args)
     wanted = _daemon_platforms(dcfg.platforms)
     options = ImportOptions(snapshotter=ccfg.snapshotter, unpack=dcfg.unpack, platforms=wanted)
-    importer = Importer(client, options, stop=stop, lease_labels={OWNER_LABEL: OWNER})
+    # The one wiring point: every part gets what it talks to when it is built.
+    progress = ProgressSink()
+    importer = Importer(
+        client, options, progress=progress, stop=stop, lease_labels={OWNER_LABEL: OWNER}
+    )
     settings = Settings(
         images_dir=Path(dcfg.images_dir),
         settle_s=dcfg.settle_s,
@@ -437,20 +447,37 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
         delete_after_import=dcfg.delete_after_import,
         platforms=wanted,
         unpack=dcfg.unpack,
+        pin=options.pin,
     )
     metrics = Metrics()
+    imported = ImportedImages()
+    pulls_changed = threading.Event()
     pcfg = config.resolve(config.PullConfig, args)
-    puller = _puller(client, pcfg, log)
-    puller.observe = metrics.pull_outcome
+    puller = _puller(
+        client,
+        pcfg,
+        log,
+        on_change=pulls_changed.set,
+        protected=imported,
+        observe=metrics.pull_outcome,
+    )
+
+    def log_store(event: str, **fields: object) -> None:
+        log.warning(event, **fields)
+
+    store = Store(state_dir, log=log_store)
     daemon = Daemon(
         settings,
         client,
         importer,
-        Store(Path(dcfg.state_dir)),
+        store,
         metrics,
         Notifier(),
         log,
+        progress=progress,
+        imported=imported,
         puller=puller,
+        pulls_changed=pulls_changed,
         pull_lists=tuple(Path(p) for p in pcfg.pull_lists),
     )
     server = None
@@ -461,7 +488,7 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
             raise UsageError(f"--listen {dcfg.listen}: {err}") from None
         # The bound port, also when asked for :0.
         log.info("http.listening", listen=f"{dcfg.listen.rpartition(':')[0]}:{server.server_port}")
-    sync = _cluster_sync(args, daemon, puller, Path(dcfg.state_dir), log)
+    sync = _cluster_sync(args, daemon, puller, state_dir, log)
     log.info("starting", version=__version__, address=client.address, images_dir=dcfg.images_dir)
     try:
         if sync is not None:
@@ -473,34 +500,54 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
             sync.stop()
         if server is not None:
             server.shutdown()
+        store.close()
+        lock.release()
     log.info("stopped")
     return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.daemon.service import status_doc
+    from agent.daemon.plan import escape
     from agent.daemon.state import Store
+    from agent.daemon.status import status_doc
 
-    doc = status_doc(Store(_state_dir(args)))
+    doc = status_doc(Store(_state_dir(args), readonly=True))
     if args.output == "json":
         print(json.dumps(doc, indent=2))
         return EXIT_OK
     d = doc["daemon"]
     if d.get("running"):
-        health = "healthy" if d.get("healthy") else f"unhealthy (containerd {d.get('containerd')})"
-        print(f"daemon: running (pid {d['pid']}), {health}, watching {d.get('images_dir')}")
+        health = (
+            "healthy"
+            if d.get("healthy")
+            else f"unhealthy ({d.get('health') or 'containerd ' + str(d.get('containerd'))})"
+        )
+        where = escape(str(d.get("images_dir")))
+        print(f"daemon: running (pid {d['pid']}), {health}, watching {where}")
     else:
         print("daemon: not running")
     rows = []
-    for a in doc["archives"]:
+    for a in doc["archives"]:  # in mtime order: the order they are imported in
         detail = a["error"] or a["reason"] or ", ".join(a["images"])
         rows.append(
-            [a["path"], a["state"], report.human_bytes(a["size"]), str(a["attempts"]), detail]
+            [
+                escape(a["path"]),
+                a["state"],
+                report.human_bytes(a["size"]),
+                str(a["attempts"]),
+                escape(detail),
+            ]
         )
     if rows:
         print(report.table(["ARCHIVE", "STATE", "SIZE", "ATTEMPTS", "DETAIL"], rows))
     pulls = [
-        [p["image"], p["state"], p["source"], str(p["attempts"]), p["last_error"] or p["image_id"]]
+        [
+            escape(p["image"]),
+            p["state"],
+            escape(p["source"]),
+            str(p["attempts"]),
+            escape(p["last_error"] or p["image_id"]),
+        ]
         for p in doc["pulls"]
     ]
     if pulls:
@@ -519,7 +566,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 
 def _puller(
-    client: Containerd, pcfg: config.PullConfig, log: structlog.typing.FilteringBoundLogger
+    client: Containerd,
+    pcfg: config.PullConfig,
+    log: structlog.typing.FilteringBoundLogger,
+    *,
+    on_change: Callable[[], None] = lambda: None,
+    protected: Callable[[], set[str]] = set,
+    observe: Callable[[str, float | None], None] = lambda outcome, seconds: None,
 ) -> Puller:
     creds = pull_auth.load(pcfg.auth_file) if pcfg.auth_file else {}
     return Puller(
@@ -529,6 +582,9 @@ def _puller(
         timeout_s=pcfg.timeout_s,
         refresh_s=pcfg.refresh_s,
         log=log,
+        on_change=on_change,
+        protected=protected,
+        observe=observe,
     )
 
 

@@ -9,11 +9,23 @@
   archives, against importing the 50 again, which is what k3s does at every
   start without .cache.json;
 - idle: CPU seconds and RSS of the daemon over 20 s with nothing to do.
+
+    .venv/bin/python -m bench.daemon_bench --many 5000
+
+- many: N small archives (one tiny image each, distinct names) renamed into
+  the watched directory at once: seconds until the last is imported, CPU
+  seconds and peak RSS of the daemon over that time.
+
+    .venv/bin/python -m bench.daemon_bench --watchdog 2
+
+- watchdog: the 1.1 GB archive imported under WATCHDOG_USEC (2 s) and a real
+  notify socket: the longest gap between two WATCHDOG=1 during the import.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -72,11 +84,111 @@ def drop(src: Path, d: Daemon, name: str) -> None:
     os.rename(tmp, d.images / name)
 
 
+def many(count: int, settle: float) -> int:
+    """Drop ``count`` small archives at once; time, CPU and peak RSS until all are imported."""
+    node = platforms.node()
+    work = Path(tempfile.mkdtemp(prefix="ia-dmany-", dir="/tmp"))
+    ctd = PrivateContainerd(work / "ctd")
+    ctd.start()
+    try:
+        d = Daemon(ctd, work / "d", ["--settle", str(settle), "--listen", ""])
+        staging = work / "staging"
+        staging.mkdir()
+        payload = {"f": b"x" * 1024}
+        for i in range(count):
+            name = f"many/img{i}:1"
+            (staging / f"a{i:05}.tar").write_bytes(
+                samples.oci_archive([samples.simple_image(name, payload, node)])
+            )
+        d.start()
+        cpu0, rss_peak = d.cpu_rss()
+        start = time.monotonic()
+        for path in sorted(staging.iterdir()):
+            os.rename(path, d.images / path.name)
+        done = 0
+        while done < count:
+            if time.monotonic() - start > 7200:
+                raise TimeoutError(f"{done} of {count} imported after 2 h")
+            time.sleep(1.0)  # sampling interval of the measurement
+            _, rss = d.cpu_rss()
+            rss_peak = max(rss_peak, rss)
+            done = d.log_path.read_bytes().count(b'"event": "import.done"')
+        elapsed = time.monotonic() - start
+        cpu1, rss = d.cpu_rss()
+        rss_peak = max(rss_peak, rss)
+        print(
+            f"{count} small archives dropped at once: all imported after {elapsed:.1f} s "
+            f"({count / elapsed:.1f}/s), daemon CPU {cpu1 - cpu0:.1f} s "
+            f"({100 * (cpu1 - cpu0) / elapsed:.0f}% of one core), peak RSS {rss_peak:.1f} MiB"
+        )
+        d.stop(timeout=60)
+    finally:
+        ctd.cleanup()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
+def watchdog(settle: float, usec: int) -> int:
+    """Import the 1.1 GB archive under WATCHDOG_USEC over a real notify socket; longest ping gap."""
+    import contextlib
+
+    from tests.test_daemon_faults import NotifiedDaemon
+
+    big = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
+    work = Path(tempfile.mkdtemp(prefix="ia-dwd-", dir="/tmp"))
+    ctd = PrivateContainerd(work / "ctd")
+    ctd.start()
+    d = NotifiedDaemon(ctd, work / "d", usec)
+    try:
+        d.start()
+        d.sock.settimeout(0.1)
+        tmp = d.images / ".big.tmp"
+        subprocess.run(["cp", str(big), str(tmp)], check=True)
+        pings: list[float] = []
+        started = done = 0.0
+        os.rename(tmp, d.images / "big.tar.zst")
+        deadline = time.monotonic() + 1800
+        next_look = 0.0
+        while not done and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):
+                if "WATCHDOG=1" in d.sock.recv(4096).decode():
+                    pings.append(time.monotonic())
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + 0.5
+                if not started and d.named("import.started"):
+                    started = time.monotonic()
+                if d.named("import.done") or d.named("import.failed"):
+                    done = time.monotonic()
+        during = [p for p in pings if started - usec / 1e6 <= p <= done + usec / 1e6]
+        gaps = [b - a for a, b in itertools.pairwise(during)]
+        print(
+            f"1.1 GB import under WATCHDOG_USEC={usec / 1e6:.1f} s: import {done - started:.1f} s, "
+            f"{len(during)} pings, longest gap {max(gaps):.2f} s "
+            f"({'imported' if d.named('import.done') else 'FAILED'})"
+        )
+        d.stop(timeout=30)
+    finally:
+        if d.proc is not None:
+            d.kill()
+        d.close()
+        ctd.cleanup()
+        subprocess.run(["rm", "-rf", str(work)], check=False)
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--skip-big", action="store_true", help="leave out the 1.1 GB archive")
     parser.add_argument("--settle", type=float, default=2.0)
+    parser.add_argument("--many", type=int, default=0, help="only the N-small-archives run")
+    parser.add_argument(
+        "--watchdog", type=float, default=0, help="only the watchdog run, WATCHDOG_USEC in seconds"
+    )
     args = parser.parse_args()
+    if args.many:
+        return many(args.many, args.settle)
+    if args.watchdog:
+        return watchdog(args.settle, int(args.watchdog * 1e6))
     node = platforms.node()
     work = Path(tempfile.mkdtemp(prefix="ia-dbench-", dir="/tmp"))
     ctd = PrivateContainerd(work / "ctd")

@@ -356,7 +356,7 @@ def test_systemd_notify_ready_and_watchdog(ctd: PrivateContainerd, tmp_path: Pat
             "--state-dir",
             str(tmp_path / "st"),
             "--listen",
-            "",
+            "127.0.0.1:0",
         ],
         env=env,
         stdout=subprocess.DEVNULL,

@@ -5,6 +5,7 @@ Small functions over paths and bytes; the daemon loop calls them.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -12,6 +13,8 @@ import struct
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from stat import S_ISREG
+from typing import BinaryIO
 
 import zstandard
 
@@ -69,11 +72,35 @@ class Stat:
 
 
 def stat(path: Path) -> Stat | None:
+    """Size and mtime of a regular file; None if it is gone or not a regular file.
+
+    A FIFO, socket or device named like an archive is never an archive: opening
+    a FIFO for reading blocks until a writer comes, possibly for ever.
+    """
     try:
         st = path.stat()
     except OSError:
         return None
+    if not S_ISREG(st.st_mode):
+        return None
     return Stat(st.st_size, st.st_mtime_ns)
+
+
+class NotRegular(OSError):
+    """The path is not a regular file (FIFO, socket, device, directory)."""
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a regular file for reading without ever blocking (O_NONBLOCK, then checked)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegular(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def fingerprint(path: Path) -> str:
@@ -82,7 +109,7 @@ def fingerprint(path: Path) -> str:
     Catches a same-size replacement (k3s #14284) without reading gigabytes.
     """
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         h.update(str(size).encode())
         for offset in sorted(
@@ -129,8 +156,8 @@ def _fd_flags(fdinfo: Path) -> int:
 
 def uncompressed_size(path: Path) -> tuple[int, bool]:
     """The archive's uncompressed size and whether it is exact (else an estimate)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(18)
         kind = detect(head)
         if kind is Compression.NONE:

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from enum import StrEnum
 
 from agent.daemon.files import Kind, Stat
 from agent.daemon.state import Record, State
 from agent.platforms import Platform
 
 PULL_LIST_REASON = "pull list (pre-pull handles these; not imported as an archive)"
+# Imports in a row that the daemon did not survive (crash, OOM kill) before the
+# archive is taken for the cause and set aside, so the queue moves on.
+MAX_INTERRUPTED = 3
 
 
 @dataclass(frozen=True)
@@ -52,9 +56,30 @@ def observe(
             obs.path, size, mtime, State.PENDING, reason="new" if record is None else "changed"
         )
     if record.state is State.IMPORTING:
-        # Interrupted (crash, kill -9): import again.
-        return replace(record, state=State.PENDING, reason="interrupted")
+        return interrupted(record)
     return record
+
+
+def interrupted(record: Record) -> Record:
+    """A record found ``importing`` at start: the daemon died during that import.
+
+    Imported again, unless this keeps happening: after MAX_INTERRUPTED in a
+    row the archive is the probable cause (it drives the daemon out of memory,
+    say) and is marked failed until it changes or ``retry`` is asked.
+    """
+    count = record.interrupted + 1
+    if count >= MAX_INTERRUPTED:
+        return replace(
+            record,
+            state=State.FAILED,
+            interrupted=count,
+            reason="",
+            error=(
+                f"the daemon stopped during {count} imports of this archive in a row "
+                "(killed, out of memory?); set aside as the probable cause"
+            ),
+        )
+    return replace(record, state=State.PENDING, interrupted=count, reason="interrupted")
 
 
 def content_changed(record: Record, fingerprint: str) -> Record:
@@ -131,6 +156,125 @@ def list_settled(
     if stat is not None and wall - stat.mtime_ns / 1e9 >= settle:
         return seen, None
     return seen, seen.since + settle
+
+
+def retry_now(records: Mapping[str, Record], not_before: Mapping[str, float]) -> dict[str, float]:
+    """Retry timers once containerd is back: those waiting for it are cleared.
+
+    Archives waiting for disk space keep their timer; the others were waiting
+    out a containerd backoff that no longer has a reason.
+    """
+    return {
+        path: at
+        for path, at in not_before.items()
+        if path in records and records[path].reason.startswith("insufficient space")
+    }
+
+
+class Failure(StrEnum):
+    """How an import ended, as far as deciding what to do next goes."""
+
+    ARCHIVE = "archive"  # the archive is unusable: permanent until it changes
+    UNAVAILABLE = "unavailable"  # containerd cannot be reached
+    CANCELLED = "cancelled"  # the daemon is stopping
+    CONTAINERD = "containerd"  # containerd refused a request
+    UNEXPECTED = "unexpected"  # a defect: any other exception
+
+
+@dataclass(frozen=True)
+class Outcome:
+    record: Record
+    retry_in_s: float | None  # None: not retried until the file changes or `retry`
+    counts_as_outage: bool  # an attempt that makes the containerd backoff grow
+
+
+def after_failure(
+    record: Record,
+    failure: Failure,
+    error: str,
+    space_short: str | None,
+    outage_attempts: int,
+    now_wall: float,
+) -> Outcome:
+    """The record after a failed import, and when to try again.
+
+    Only the archive's own faults (and defects) are permanent. ``space_short``
+    is why containerd's disk is too full now (None if it is not): then the
+    archive waits for space whatever the import said. Stopping, containerd
+    being away, and containerd refusing a write (ENOSPC that has been freed
+    again by the time we look) are retried.
+    """
+    if failure is Failure.CANCELLED:
+        return Outcome(
+            replace(record, state=State.PENDING, reason=error, attempts=record.attempts - 1),
+            0.0,
+            False,
+        )
+    if space_short is not None:
+        return Outcome(
+            replace(record, state=State.PENDING, reason=space_short, error=""),
+            SPACE_RETRY_S,
+            False,
+        )
+    if failure is Failure.UNAVAILABLE:
+        delay = backoff(outage_attempts + 1)
+        return Outcome(
+            replace(record, state=State.PENDING, reason=error, attempts=record.attempts - 1),
+            delay,
+            True,
+        )
+    if failure is Failure.CONTAINERD:
+        # containerd refused (its disk filled, a snapshotter error): not the
+        # archive's fault. Retried, ever more slowly, with the reason shown.
+        delay = backoff(record.attempts, base=CONTAINERD_RETRY_S, cap=CONTAINERD_RETRY_CAP_S)
+        return Outcome(
+            replace(record, state=State.PENDING, reason=one_line(error), error=""),
+            delay,
+            False,
+        )
+    return Outcome(
+        replace(record, state=State.FAILED, error=one_line(error), finished_at=now_wall),
+        None,
+        False,
+    )
+
+
+SPACE_RETRY_S = 5.0
+CONTAINERD_RETRY_S = 5.0
+CONTAINERD_RETRY_CAP_S = 600.0
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """``text`` on one line (control characters escaped), cut to ``limit`` characters."""
+    out = escape(" ".join(text.split()))
+    return out if len(out) <= limit else out[: limit - 1] + "…"
+
+
+def escape(text: str) -> str:
+    """Control characters (a newline in a file name) shown as escapes, never raw."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def health(containerd_ok: bool, dead: list[str], state_error: str) -> tuple[bool, str]:
+    """/healthz: ok only if containerd answers, every duty runs and state can be written."""
+    problems = [f"{name} stopped" for name in dead]
+    if not containerd_ok:
+        problems.append("containerd unreachable")
+    if state_error:
+        problems.append(f"state not writable: {state_error}")
+    return (not problems, "; ".join(problems) or "ok")
+
+
+def watchdog_interval(watchdog_s: float, default: float) -> float:
+    """How often to send WATCHDOG=1: half of systemd's WATCHDOG_USEC (or ``default``)."""
+    return watchdog_s / 2 if watchdog_s > 0 else default
+
+
+def probe_interval(containerd_ok: bool, up_s: float = 10.0, down_s: float = 1.0) -> float:
+    """containerd is probed often while it is away, so its return is noticed at once."""
+    return up_s if containerd_ok else down_s
 
 
 def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:

@@ -1,0 +1,146 @@
+"""The pull-lists duty: ``.txt`` lists (images directory, ``--pull-list``) into the puller.
+
+A list is read whole once it has held still (:func:`agent.daemon.plan.list_settled`),
+and again whenever its size or mtime changes. Its own thread and queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import structlog
+
+from agent import lists
+from agent.daemon import files, plan
+from agent.daemon.files import Kind
+
+IDLE_WAKE_S = 10.0
+
+
+class Sources(Protocol):
+    """What the duty needs of :class:`agent.pull.engine.Puller`."""
+
+    def set_source(
+        self, source: str, entries: list[lists.Entry], problems: list[lists.Problem]
+    ) -> None: ...
+
+
+class PullListsDuty:
+    name = "pull-lists"
+
+    def __init__(
+        self,
+        puller: Sources,
+        images_dir: Path,
+        extra: tuple[Path, ...],
+        settle_s: float,
+        log: structlog.typing.FilteringBoundLogger,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.puller = puller
+        self.images_dir = images_dir
+        self.extra = tuple(p.absolute() for p in extra)
+        self.settle_s = settle_s
+        self.log = log
+        self.monotonic = monotonic
+        self.wall = wall
+        self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._loaded: dict[str, files.Stat | None] = {}  # what was last read
+        self._seen: dict[str, plan.Seen] = {}
+        self._due: dict[str, float] = {}  # list path -> when to look at it again
+
+    def wants(self, path: Path) -> bool:
+        """Whether an event on ``path`` concerns this duty."""
+        if path in self.extra:
+            return True
+        if not path.is_relative_to(self.images_dir):
+            return False
+        return path.is_dir() or files.classify(path, self.images_dir) is Kind.PULL_LIST
+
+    def run(self, stop: threading.Event) -> None:
+        self.start_up()
+        while not stop.is_set():
+            timeout = self.step()
+            with contextlib.suppress(queue.Empty):
+                self.events.put(self.events.get(timeout=timeout))
+
+    def start_up(self) -> None:
+        for dirpath, dirnames, filenames in os.walk(self.images_dir):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                p = Path(dirpath) / name
+                if files.classify(p, self.images_dir) is Kind.PULL_LIST:
+                    self._look(p)
+        for p in self.extra:
+            self._look(p)
+
+    def step(self) -> float:
+        """Read the lists that changed and settled; seconds until something is due."""
+        seen: set[str] = set()
+        while True:
+            try:
+                seen.add(self.events.get_nowait())
+            except queue.Empty:
+                break
+        for path in sorted(s for s in seen if s):
+            p = Path(path)
+            if p.is_dir() and p not in self.extra:
+                for dirpath, _dirs, names in os.walk(p):
+                    for name in names:
+                        q = Path(dirpath) / name
+                        if files.classify(q, self.images_dir) is Kind.PULL_LIST:
+                            self._look(q)
+            elif self.wants(p):
+                self._look(p)
+        now = self.monotonic()
+        for key in [k for k, at in self._due.items() if at <= now]:
+            self._look(Path(key))
+        if not self._due:
+            return IDLE_WAKE_S
+        return max(0.01, min(self._due.values()) - self.monotonic())
+
+    def _look(self, path: Path) -> None:
+        key = str(path)
+        st = files.stat(path)
+        if key in self._loaded and self._loaded[key] == st:
+            self._due.pop(key, None)
+            self._seen.pop(key, None)
+            return
+        seen, due = plan.list_settled(
+            self._seen.get(key), st, self.monotonic(), self.wall(), self.settle_s
+        )
+        if due is not None:
+            self._seen[key] = seen
+            self._due[key] = due
+            return  # mid-write: keep what was read last, look again once settled
+        self._seen.pop(key, None)
+        self._due.pop(key, None)
+        self._loaded[key] = st
+        if st is None:
+            if path in self.extra:
+                self.log.warning("pull_list.missing", file=key)
+            self.puller.set_source(key, [], [])
+            return
+        self.puller.set_source(key, *self._read(path))
+
+    def _read(self, path: Path) -> tuple[list[lists.Entry], list[lists.Problem]]:
+        try:
+            with files.open_regular(path) as f:
+                text = f.read().decode(errors="replace")
+        except OSError as err:
+            self.log.warning("pull_list.unreadable", file=str(path), error=str(err))
+            return [], []
+        entries, problems = lists.parse(text, str(path))
+        self.log.info(
+            "pull_list.loaded", file=str(path), images=len(entries), invalid=len(problems)
+        )
+        return entries, problems

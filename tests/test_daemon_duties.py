@@ -1,0 +1,657 @@
+"""The daemon's duties run step by step: no threads, no sleeping, no containerd, no root.
+
+The importer, containerd and the store are test doubles type-checked against
+the Protocols the duties declare (agent.daemon.archives, agent.daemon.reconcile,
+agent.daemon.health); the files are real files in a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import threading
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from agent import lists, logs
+from agent.daemon import files, plan
+from agent.daemon.archives import ArchivesDuty, ImportedImages, Settings
+from agent.daemon.health import HealthDuty, ProgressSink, Watchdog
+from agent.daemon.lock import StateLock, StateLocked
+from agent.daemon.metrics import Metrics
+from agent.daemon.notify import Notifier
+from agent.daemon.pull_lists import PullListsDuty
+from agent.daemon.state import Record, State, StateError, Store
+from agent.errors import ArchiveError, Cancelled, ContainerdUnavailable
+from agent.importer import ImportedImage, ImportResult, Progress
+
+# -- test doubles --------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass(frozen=True)
+class FakeImage:
+    labels: Mapping[str, str]
+
+
+@dataclass
+class FakeContainerd:
+    """Images, leases and the version call of containerd, in memory."""
+
+    up: bool = True
+    images: dict[str, dict[str, str]] = field(default_factory=dict)
+    leases: dict[str, dict[str, str]] = field(default_factory=dict)
+    address: str = "fake.sock"
+
+    def _check(self) -> None:
+        if not self.up:
+            raise ContainerdUnavailable("containerd is down")
+
+    def version(self) -> str:
+        self._check()
+        return "fake"
+
+    def get_image(self, name: str) -> FakeImage | None:
+        self._check()
+        labels = self.images.get(name)
+        return None if labels is None else FakeImage(labels)
+
+    def label_image(self, name: str, labels: dict[str, str]) -> None:
+        self._check()
+        self.images[name].update(labels)
+
+    def lease_labels(self) -> dict[str, dict[str, str]]:
+        self._check()
+        return dict(self.leases)
+
+    def delete_lease(self, lease_id: str) -> None:
+        self._check()
+        self.leases.pop(lease_id)
+
+
+class FakeImporter:
+    """Imports by name: ``behaviour[path]`` is an exception to raise, else the import succeeds."""
+
+    def __init__(self, ctd: FakeContainerd) -> None:
+        self.ctd = ctd
+        self.behaviour: dict[str, BaseException] = {}
+        self.calls: list[str] = []
+        self.around: Callable[[str, Callable[[], ImportResult]], ImportResult] | None = None
+
+    def import_file(self, path: str) -> ImportResult:
+        if self.around is not None:
+            return self.around(path, lambda: self._import(path))
+        return self._import(path)
+
+    def _import(self, path: str) -> ImportResult:
+        self.calls.append(path)
+        self.ctd._check()
+        err = self.behaviour.get(path)
+        if err is not None:
+            raise err
+        name = "docker.io/library/" + Path(path).name.split(".")[0] + ":1"
+        self.ctd.images[name] = {"io.cri-containerd.pinned": "pinned"}
+        image = ImportedImage(name, "sha256:0", "sha256:1", ("linux/amd64",), True, "new")
+        return ImportResult(file=path, images=[image], bytes_read=10)
+
+
+class MemoryStore:
+    """Records in memory; ``broken`` makes every write fail like a full disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.rows: dict[str, Record] = {}
+        self.broken = False
+        self.puts = 0
+        self._requests = root / "requests"
+        self.requests: list[str] = []
+
+    @property
+    def requests_dir(self) -> Path:
+        return self._requests
+
+    def load(self) -> dict[str, Record]:
+        return dict(self.rows)
+
+    def put(self, records: list[Record], deleted: list[str]) -> None:
+        if self.broken:
+            raise StateError("state directory: /st: No space left on device")
+        self.puts += 1
+        for r in records:
+            self.rows[r.path] = r
+        for p in deleted:
+            self.rows.pop(p, None)
+
+    def take_requests(self) -> list[str]:
+        out, self.requests = self.requests, []
+        return out
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        self.images = tmp / "images"
+        self.images.mkdir()
+        self.clock = Clock()
+        self.ctd = FakeContainerd()
+        self.importer = FakeImporter(self.ctd)
+        self.store = MemoryStore(tmp)
+        self.stop = threading.Event()
+        settings = Settings(
+            images_dir=self.images,
+            settle_s=2.0,
+            containerd_root=tmp,
+            delete_after_import=False,
+            platforms=None,
+            unpack=False,
+        )
+        self.duty = ArchivesDuty(
+            settings,
+            self.importer,
+            self.ctd,
+            self.store,
+            Metrics(),
+            logs.get(),
+            imported=ImportedImages(),
+            monotonic=self.clock,
+            wall=self.clock,
+        )
+
+    def archive(self, name: str, data: bytes = b"x" * 100, mtime: int = 0) -> Path:
+        path = self.images / name
+        path.write_bytes(data)
+        if mtime:
+            os.utime(path, ns=(mtime, mtime))
+        return path
+
+    def settle_and_step(self, turns: int = 1) -> None:
+        for _ in range(turns):
+            self.clock.now += 10
+            self.duty.step(self.stop)
+
+    def state(self, path: Path) -> Record:
+        return self.duty.records[str(path)]
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Env:
+    return Env(tmp_path)
+
+
+def events(cap: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in cap if e["event"] == name]
+
+
+# -- archives duty -------------------------------------------------------------------------
+
+
+def test_unexpected_exception_fails_that_archive_only(env: Env) -> None:
+    """A defect in one import (RecursionError) marks it failed with one line, logged once; the queue goes on."""
+    bad = env.archive("deep.tar", mtime=1_000_000_000)
+    good = env.archive("good.tar", mtime=2_000_000_000)
+    env.importer.behaviour[str(bad)] = RecursionError("maximum recursion depth exceeded")
+    with capture_logs() as cap:
+        env.duty.start_up()
+        env.settle_and_step(3)
+    rec = env.state(bad)
+    assert rec.state is State.FAILED
+    assert rec.error == "unexpected error: RecursionError: maximum recursion depth exceeded"
+    assert "\n" not in rec.error
+    crashed = events(cap, "import.crashed")
+    assert len(crashed) == 1 and "RecursionError" in crashed[0]["traceback"]
+    assert env.state(good).state is State.IMPORTED
+    assert env.importer.calls.count(str(bad)) == 1  # not retried in a loop
+
+
+def test_archive_that_keeps_killing_the_daemon_is_set_aside(env: Env) -> None:
+    """Found 'importing' at three starts in a row: failed as the probable cause, queue moves on; retry clears it."""
+    killer = env.archive("oom.tar.zst", mtime=1_000_000_000)
+    st = killer.stat()
+    env.store.rows[str(killer)] = Record(
+        str(killer), st.st_size, st.st_mtime_ns, State.IMPORTING, attempts=3, interrupted=2
+    )
+    later = env.archive("later.tar", mtime=2_000_000_000)
+    with capture_logs() as cap:
+        env.duty.start_up()
+        env.settle_and_step(2)
+    rec = env.state(killer)
+    assert rec.state is State.FAILED and "3 imports" in rec.error
+    assert events(cap, "archive.set_aside")
+    assert env.importer.calls == [str(later)]
+    assert env.state(later).state is State.IMPORTED
+    # `image-agent retry` clears it.
+    env.store.requests.append(str(killer))
+    env.settle_and_step(2)
+    rec = env.state(killer)
+    assert rec.state is State.IMPORTED and rec.interrupted == 0
+
+
+def test_interrupted_counts_reset_by_a_finished_import() -> None:
+    """Once or twice interrupted: imported again; a finished import starts the count over."""
+    rec = Record("/d/a.tar", 1, 1, State.IMPORTING)
+    once = plan.interrupted(rec)
+    assert once.state is State.PENDING and once.interrupted == 1
+    twice = plan.interrupted(once)
+    assert twice.state is State.PENDING
+    assert plan.interrupted(twice).state is State.FAILED
+
+
+def test_fifo_named_like_an_archive_is_never_opened(env: Env) -> None:
+    """A FIFO called a.tar.gz is ignored by the scan and the events; opening it never blocks."""
+    fifo = env.images / "a.tar.gz"
+    os.mkfifo(fifo)
+    good = env.archive("b.tar")
+    env.duty.start_up()
+    env.duty.events.put(str(fifo))
+    env.settle_and_step(2)
+    assert str(fifo) not in env.duty.records
+    assert env.state(good).state is State.IMPORTED
+    with pytest.raises(files.NotRegular):
+        files.open_regular(fifo)  # returns at once (O_NONBLOCK), does not wait for a writer
+    assert files.stat(fifo) is None
+
+
+def test_containerd_back_resets_retry_timers(env: Env) -> None:
+    """Archives waiting out a containerd backoff are tried as soon as containerd is back."""
+    path = env.archive("a.tar")
+    env.duty.start_up()
+    env.ctd.up = False
+    for _ in range(6):  # backoff grows: 1, 2, 4, 8, 16, 32 s
+        env.clock.now += 100
+        env.duty.step(env.stop)
+    assert env.duty.not_before[str(path)] - env.clock.now == 32.0
+    assert env.state(path).state is State.PENDING
+    env.ctd.up = True
+    env.duty.containerd_back.set()
+    env.duty.step(env.stop)  # same instant: no waiting out the 32 s
+    assert env.state(path).state is State.IMPORTED
+
+
+def test_full_disk_mid_import_waits_for_space(env: Env, tmp_path: Path) -> None:
+    """A failure while containerd's disk is full is transient: pending with the reason, never failed."""
+    rec = Record("/d/a.tar", 10, 1, State.IMPORTING, attempts=1)
+    out = plan.after_failure(
+        rec,
+        plan.Failure.CONTAINERD,
+        "write: no space left on device",
+        "insufficient space: needs about 80 MiB in /c, 3 MiB free",
+        0,
+        5.0,
+    )
+    assert out.record.state is State.PENDING and out.record.reason.startswith("insufficient")
+    assert out.retry_in_s == plan.SPACE_RETRY_S
+    # containerd refusing a write while the disk has room again (its rollback
+    # freed it): still not the archive's fault; retried, slower each time.
+    out = plan.after_failure(rec, plan.Failure.CONTAINERD, "apply layer: ENOSPC", None, 0, 5.0)
+    assert out.record.state is State.PENDING and out.retry_in_s == plan.CONTAINERD_RETRY_S
+    later = replace(rec, attempts=20)
+    out = plan.after_failure(later, plan.Failure.CONTAINERD, "x", None, 0, 5.0)
+    assert out.retry_in_s == plan.CONTAINERD_RETRY_CAP_S
+    # The archive's own fault is permanent.
+    out = plan.after_failure(rec, plan.Failure.ARCHIVE, "corrupt", None, 0, 5.0)
+    assert out.record.state is State.FAILED and out.retry_in_s is None
+    # Stopping is never a failure, and does not count as an attempt.
+    out = plan.after_failure(rec, plan.Failure.CANCELLED, "stopped", None, 0, 5.0)
+    assert out.record.state is State.PENDING and out.record.attempts == 0
+
+
+def test_unwritable_state_keeps_importing_then_writes(env: Env) -> None:
+    """A full state directory: logged once, imports go on, unhealthy; everything written once it can."""
+    a = env.archive("a.tar", mtime=1_000_000_000)
+    b = env.archive("b.tar", mtime=2_000_000_000)
+    env.store.broken = True
+    with capture_logs() as cap:
+        env.duty.start_up()
+        env.settle_and_step(4)
+    assert env.state(a).state is State.IMPORTED and env.state(b).state is State.IMPORTED
+    assert env.duty.state_error
+    assert len(events(cap, "state.unwritable")) == 1
+    assert env.store.rows == {}
+    health = HealthDuty(
+        env.ctd, NullStatus(), Metrics(), logs.get(), env.duty, ProgressSink(), env.images
+    )
+    health.probe()
+    ok, text = health.verdict()
+    assert not ok and "state not writable" in text
+    env.store.broken = False
+    env.settle_and_step(1)
+    assert env.store.rows[str(a)].state is State.IMPORTED
+    assert env.store.rows[str(b)].state is State.IMPORTED
+    assert env.duty.state_error == "" and health.verdict() == (True, "ok")
+
+
+def test_events_of_a_copy_do_not_rewrite_state_each_batch(env: Env) -> None:
+    """A file being copied produces many event batches; the records are written at most once a second."""
+    env.duty.start_up()
+    path = env.images / "big.tar"
+    before = env.store.puts
+    with open(path, "wb") as f:
+        for _ in range(50):
+            f.write(b"x" * 1000)
+            f.flush()
+            env.duty.events.put(str(path))
+            env.duty.step(env.stop)  # the clock does not move: one instant
+    assert env.store.puts - before <= 1
+    env.clock.now += 1.5
+    env.duty.step(env.stop)
+    assert env.store.rows[str(path)].size == 50_000  # written once the second passed
+
+
+def test_same_size_same_mtime_rewrite_is_noticed_while_running(env: Env) -> None:
+    """`cat new > old; touch -r` on an imported archive: its write event triggers the content check."""
+    path = env.archive("swap.tar", b"A" * 5000)
+    env.duty.start_up()
+    env.settle_and_step(1)
+    assert env.state(path).state is State.IMPORTED
+    st = path.stat()
+    path.write_bytes(b"B" * 5000)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    env.duty.events.put(str(path))
+    env.duty.step(env.stop)
+    assert env.state(path).state is State.PENDING
+    assert env.state(path).reason == "content changed"
+    env.settle_and_step(1)
+    assert env.importer.calls == [str(path), str(path)]
+
+
+def test_leases_released_only_between_imports(env: Env) -> None:
+    """Leftover leases of ours go before the first import and after an outage, never during one."""
+    env.ctd.leases["old"] = {"image-agent/owner": "daemon"}
+    env.ctd.leases["someone-else"] = {}
+    seen_during: list[bool] = []
+
+    def import_with_lease(path: str, real_import: Callable[[], ImportResult]) -> ImportResult:
+        env.ctd.leases["mine"] = {"image-agent/owner": "daemon"}
+        env.clock.now += 60  # a long import: the health duty would have ticked
+        result = real_import()
+        seen_during.append("mine" in env.ctd.leases)
+        del env.ctd.leases["mine"]
+        return result
+
+    env.importer.around = import_with_lease
+    a = env.archive("a.tar")
+    env.duty.start_up()
+    env.settle_and_step(1)
+    assert env.state(a).state is State.IMPORTED
+    assert sorted(env.ctd.leases) == ["someone-else"]
+    # containerd went away during an import: its lease outlived it.
+    env.ctd.leases["left-by-outage"] = {"image-agent/owner": "daemon"}
+    env.duty.containerd_back.set()
+    env.archive("b.tar")
+    env.duty.events.put(str(env.images / "b.tar"))
+    env.settle_and_step(2)
+    assert sorted(env.ctd.leases) == ["someone-else"]
+    assert seen_during == [True, True]
+
+
+def test_cancelled_import_goes_back_to_pending(env: Env) -> None:
+    """SIGTERM during an import: pending, attempt not counted, not failed."""
+    a = env.archive("a.tar")
+    env.importer.behaviour[str(a)] = Cancelled("stopped")
+    env.duty.start_up()
+    env.settle_and_step(1)
+    assert env.state(a).state is State.PENDING and env.state(a).attempts == 0
+
+
+def test_archive_error_is_permanent_until_changed(env: Env) -> None:
+    """A corrupt archive fails once and is not retried while unchanged."""
+    a = env.archive("a.tar")
+    env.importer.behaviour[str(a)] = ArchiveError("corrupt")
+    env.duty.start_up()
+    env.settle_and_step(5)
+    assert env.state(a).state is State.FAILED and env.importer.calls == [str(a)]
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+class NullStatus:
+    def __init__(self) -> None:
+        self.daemon: dict[str, Any] = {}
+        self.broken = False
+
+    def save_daemon(self, info: dict[str, Any]) -> None:
+        if self.broken:
+            raise StateError("state directory: /st: Read-only file system")
+        self.daemon = info
+
+    def save_pulls(self, rows: list[dict[str, Any]]) -> None:
+        pass
+
+
+def test_health_notices_containerd_back_and_wakes_archives(env: Env) -> None:
+    """The probe's down->up transition sets the archives duty's containerd_back (and nothing else)."""
+    status = NullStatus()
+    health = HealthDuty(
+        env.ctd, status, Metrics(), logs.get(), env.duty, ProgressSink(), env.images
+    )
+    env.ctd.up = False
+    health.tick()
+    assert health.verdict() == (False, "containerd unreachable")
+    assert plan.probe_interval(False) <= 1.0  # looked at again within a second
+    env.ctd.up = True
+    health.probe()
+    assert env.duty.containerd_back.is_set()
+    assert health.verdict() == (True, "ok")
+
+
+def test_health_reports_dead_duty_and_unwritable_status(env: Env) -> None:
+    """A dead duty and a status record that cannot be written both take /healthz down."""
+    status = NullStatus()
+    health = HealthDuty(
+        env.ctd,
+        status,
+        Metrics(),
+        logs.get(),
+        env.duty,
+        ProgressSink(),
+        env.images,
+        dead=lambda: ["archives"],
+    )
+    health.probe()
+    assert health.verdict() == (False, "archives stopped")
+    status.broken = True
+    health.write_status()
+    ok, text = health.verdict()
+    assert not ok and "Read-only" in text
+
+
+def test_progress_sink_is_passive_and_logged_by_health(env: Env) -> None:
+    """The importer's progress lands in the sink; the health duty logs it, throttled."""
+    sink = ProgressSink()
+    health = HealthDuty(env.ctd, NullStatus(), Metrics(), logs.get(), env.duty, sink, env.images)
+    sink(Progress("/d/a.tar", 50, 100, 1.0))
+    sink(Progress("/d/a.tar", 60, 100, 1.5))
+    with capture_logs() as cap:
+        health.tick()
+        health.tick()
+    lines = events(cap, "import.progress")
+    assert len(lines) == 1 and lines[0]["percent"] == 60.0
+
+
+def test_watchdog_pings_only_while_all_duties_live(tmp_path: Path) -> None:
+    """WATCHDOG=1 goes out at half of WATCHDOG_USEC; a dead duty stops the pings."""
+    sock_path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(sock_path))
+    sock.settimeout(5)
+    alive = threading.Event()
+    alive.set()
+    dog = Watchdog(Notifier(str(sock_path)), 0.05, alive.is_set)
+    stop = threading.Event()
+    t = threading.Thread(target=dog.run, args=(stop,))
+    t.start()
+    try:
+        assert sock.recv(100) == b"WATCHDOG=1"
+        alive.clear()
+        sock.settimeout(0.3)
+        # drain one that may have been on its way, then silence
+        with pytest.raises(TimeoutError):
+            while True:
+                sock.recv(100)
+    finally:
+        stop.set()
+        t.join(5)
+        sock.close()
+    assert plan.watchdog_interval(2.0, 10.0) == 1.0
+    assert plan.watchdog_interval(0.0, 10.0) == 10.0
+
+
+# -- state store and lock --------------------------------------------------------------------
+
+
+def test_store_keeps_one_row_per_archive(tmp_path: Path) -> None:
+    """Records round-trip through SQLite (WAL); put writes only the changed rows."""
+    store = Store(tmp_path)
+    a = Record("/d/a.tar", 5, 7, State.IMPORTED, images=["docker.io/library/a:1"], attempts=1)
+    b = Record("/d/b.tar", 5, 8)
+    store.put([a, b], [])
+    assert store.load() == {a.path: a, b.path: b}
+    store.put([], [b.path])
+    assert store.load() == {a.path: a}
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.save_daemon({"pid": 1})
+    assert Store(tmp_path, readonly=True).load_daemon() == {"pid": 1}
+    store.close()
+
+
+def test_archives_json_is_migrated(tmp_path: Path) -> None:
+    """An archives.json of the JSON era is read into the database once and set aside."""
+    rec = Record("/d/a.tar", 5, 7, State.IMPORTED, images=["docker.io/library/a:1"], attempts=1)
+    (tmp_path / "archives.json").write_text(json.dumps({"version": 1, "archives": [rec.to_json()]}))
+    assert Store(tmp_path, readonly=True).load() == {rec.path: rec}  # status before migrating
+    seen: list[tuple[str, dict[str, Any]]] = []
+    store = Store(tmp_path, log=lambda event, **kw: seen.append((event, kw)))
+    assert store.load() == {rec.path: rec}
+    assert not (tmp_path / "archives.json").exists()
+    assert (tmp_path / "archives.json.migrated").exists()
+    assert [e for e, _ in seen] == ["state.migrated"]
+
+
+def test_corrupt_archives_json_is_logged_not_dropped_silently(tmp_path: Path) -> None:
+    """A damaged archives.json is named in the log and kept aside, never silently dropped."""
+    (tmp_path / "archives.json").write_text("{not json")
+    seen: list[tuple[str, dict[str, Any]]] = []
+    store = Store(tmp_path, log=lambda event, **kw: seen.append((event, kw)))
+    assert store.load() == {}
+    assert seen[0][0] == "state.legacy_unreadable"
+    assert seen[0][1]["file"] == str(tmp_path / "archives.json")
+    assert (tmp_path / "archives.json.corrupt").read_text() == "{not json"
+
+
+def test_directory_in_place_of_the_database_is_named(tmp_path: Path) -> None:
+    """A directory where the state database should be gives an error naming it."""
+    (tmp_path / "state.db").mkdir()
+    with pytest.raises(StateError) as err:
+        Store(tmp_path).load()
+    assert str(tmp_path / "state.db") in str(err.value) and "directory" in str(err.value)
+
+
+def test_second_daemon_on_a_state_dir_is_refused(tmp_path: Path) -> None:
+    """The state directory's lock is exclusive; the refusal names the holder's pid."""
+    first = StateLock(tmp_path)
+    first.acquire()
+    try:
+        with pytest.raises(StateLocked) as err:
+            StateLock(tmp_path).acquire()
+        assert f"pid {os.getpid()}" in str(err.value) and str(tmp_path) in str(err.value)
+    finally:
+        first.release()
+    again = StateLock(tmp_path)
+    again.acquire()  # free once released
+    again.release()
+
+
+def test_escape_keeps_table_rows_on_one_line() -> None:
+    """A newline or escape in a file name is shown escaped, never raw."""
+    assert plan.escape("a\nb.tar") == "a\\nb.tar"
+    assert plan.escape("\x1b[2J.tar") == "\\x1b[2J.tar"
+    assert plan.escape("plain.tar") == "plain.tar"
+    assert plan.one_line("line one\nline two") == "line one line two"
+
+
+def test_status_table_escapes_names_and_lists_in_mtime_order(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`status` prints one line per archive, oldest mtime first, whatever the names hold."""
+    from agent import cli
+
+    store = Store(tmp_path)
+    newer = Record("/d/a\nfake-row imported.tar", 5, 2_000, State.PENDING, reason="new")
+    older = Record("/d/z.tar", 5, 1_000, State.IMPORTED, images=["docker.io/library/z:1"])
+    store.put([newer, older], [])
+    store.close()
+    assert cli.main(["status", "--state-dir", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("/d/")]
+    assert len(rows) == 2, lines
+    assert rows[0].startswith("/d/z.tar") and rows[1].startswith("/d/a\\nfake-row")
+    assert cli.main(["status", "-o", "json", "--state-dir", str(tmp_path)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc) == {"daemon", "archives", "pulls"}
+    assert [a["path"] for a in doc["archives"]] == [older.path, newer.path]
+
+
+def test_a_duty_that_dies_is_logged_once_and_marked_dead() -> None:
+    """An exception escaping a duty's loop is logged once with its traceback; the duty reads as dead."""
+    from agent.daemon.service import _Duty
+
+    def broken(stop: threading.Event) -> None:
+        raise ValueError("bad day")
+
+    duty = _Duty("archives", broken, logs.get())
+    with capture_logs() as cap:
+        duty.start(threading.Event())
+        duty.thread.join(10)
+    assert duty.died
+    died = events(cap, "duty.died")
+    assert len(died) == 1 and died[0]["duty"] == "archives"
+    assert died[0]["error"] == "ValueError: bad day" and "Traceback" in died[0]["traceback"]
+
+
+class FakeSources:
+    def __init__(self) -> None:
+        self.sources: dict[str, list[str]] = {}
+
+    def set_source(
+        self, source: str, entries: list[lists.Entry], problems: list[lists.Problem]
+    ) -> None:
+        self.sources[source] = [e.ref for e in entries]
+
+
+def test_pull_list_read_once_settled_and_dropped_when_gone(tmp_path: Path) -> None:
+    """A list being written is read only once it holds still; a removed list empties its source."""
+    clock = Clock()
+    images = tmp_path / "images"
+    images.mkdir()
+    sources = FakeSources()
+    duty = PullListsDuty(sources, images, (), 2.0, logs.get(), monotonic=clock, wall=lambda: 2e9)
+    duty.start_up()
+    path = images / "w.txt"
+    path.write_text("docker.io/library/alpine:3.19\n")
+    os.utime(path, (2e9, 2e9))  # written just now
+    duty.events.put(str(path))
+    assert duty.step() == 2.0
+    assert sources.sources == {}
+    clock.now += 2.0
+    duty.step()
+    assert sources.sources == {str(path): ["docker.io/library/alpine:3.19"]}
+    path.unlink()
+    duty.events.put(str(path))
+    duty.step()
+    clock.now += 2.0
+    duty.step()
+    assert sources.sources == {str(path): []}
