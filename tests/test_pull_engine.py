@@ -9,7 +9,7 @@ interleaving is the one named, every time; nothing sleeps.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -77,11 +77,14 @@ class Changes:
             self.count += 1
             self._cond.notify_all()
 
-    def wait_for(self, count: int) -> None:
+    def wait_until(self, what: str, done: Callable[[], bool]) -> None:
+        """Wait for an on_change call after which ``done()`` holds.
+
+        Checked at each call, so passing proves on_change ran after the
+        outcome (how many calls came before it is the engine's business).
+        """
         with self._cond:
-            assert self._cond.wait_for(lambda: self.count >= count, WAIT_S), (
-                f"on_change called {self.count} times, expected {count}"
-            )
+            assert self._cond.wait_for(done, WAIT_S), f"no on_change after {what}"
 
 
 @pytest.fixture
@@ -92,6 +95,10 @@ def logs() -> Iterator[list[MutableMapping[str, Any]]]:
 
 def _puller(cri: PullClient, changes: Changes) -> Puller:
     return Puller(cri, credentials={}, concurrency=2, log=structlog.get_logger(), on_change=changes)
+
+
+def _logged(logs: list[MutableMapping[str, Any]], event: str) -> bool:
+    return any(e["event"] == event for e in logs)
 
 
 def _entry() -> Entry:
@@ -112,7 +119,7 @@ def test_pull_that_succeeds_after_the_list_dropped_it_does_not_pin(
         puller.set_source("list.txt", [], [])  # unpins; on_change 2
         assert cri.pinned.get(REF) is False
         cri.release.set()
-        changes.wait_for(3)  # the worker's own
+        changes.wait_until("the dropped pull", lambda: _logged(logs, "pull.dropped"))
     finally:
         puller.stop()
     assert cri.pulled == [REF]
@@ -134,7 +141,7 @@ def test_pull_that_fails_after_the_list_dropped_it_is_logged(
         assert cri.entered.wait(WAIT_S)
         puller.set_source("list.txt", [], [])
         cri.release.set()
-        changes.wait_for(3)
+        changes.wait_until("the failed pull", lambda: _logged(logs, "pull.failed"))
     finally:
         puller.stop()
     failed = [e for e in logs if e["event"] == "pull.failed"]
@@ -152,7 +159,7 @@ def test_pull_that_fails_while_wanted_retries_later(logs: list[MutableMapping[st
     puller.start()
     try:
         puller.set_source("list.txt", [_entry()], [])
-        changes.wait_for(2)
+        changes.wait_until("the failed pull", lambda: _logged(logs, "pull.failed"))
     finally:
         puller.stop()
     (row,) = puller.snapshot()
@@ -170,7 +177,7 @@ def test_unexpected_exception_is_logged_not_lost(logs: list[MutableMapping[str, 
     puller.start()
     try:
         puller.set_source("list.txt", [_entry()], [])
-        changes.wait_for(2)
+        changes.wait_until("the crashed pull", lambda: _logged(logs, "pull.crashed"))
     finally:
         puller.stop()
     crashed = [e for e in logs if e["event"] == "pull.crashed"]
@@ -188,7 +195,7 @@ def test_pull_that_succeeds_while_wanted_pins() -> None:
     puller.start()
     try:
         puller.set_source("list.txt", [_entry()], [])
-        changes.wait_for(2)
+        changes.wait_until("the pin", lambda: cri.pinned == {REF: True})
     finally:
         puller.stop()
     assert cri.pinned == {REF: True}
