@@ -262,3 +262,14 @@ def test_verify_store_is_an_import_target() -> None:
     store.put_image("a:1", layout.OCI_MANIFEST, "sha256:" + "a" * 64, 1, {})
     record = store.get_image("a:1")
     assert isinstance(record, ImageRecord) and record.target.size == 1
+
+
+def test_name_with_another_digest_is_refused(tmp_path: Path) -> None:
+    """A name pinned to a digest other than the image's is refused; no record is written."""
+    store = MemoryStore()
+    forged = "registry.example/team/app@sha256:" + "a" * 64
+    data = samples.oci_archive([_two_layer("app:1"), _two_layer(forged, b"other")])
+    with pytest.raises(ArchiveError, match="names a digest") as caught:
+        Importer(store, OPTIONS).import_file(_archive(tmp_path, data))
+    assert "\n" not in str(caught.value)
+    assert store.images == {}

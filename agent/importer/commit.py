@@ -32,7 +32,7 @@ from agent.containerd.labels import (
     merge_sources,
 )
 from agent.eager import LayerStore, apply_layer
-from agent.errors import ContainerdError
+from agent.errors import ArchiveError, ContainerdError
 from agent.importer.ingest import check_stop
 from agent.importer.model import ImagePlan, ImportedImage, ImportOptions, Resolution, Selected
 from agent.importer.store import ImportTarget
@@ -138,8 +138,13 @@ class Commit:
         config_digest = image.selected[0].doc.config.digest
         names: list[str] = []
         for name in image.names:
-            names.append(name)
             ref = refs.parse(name)
+            if ref.digest and ref.digest != target.digest:
+                # The CRI resolves a digest reference by its record's name:
+                # writing this one would let the archive pass other content
+                # off as the pinned digest.
+                raise ArchiveError(f"{name} names a digest, but the image is {target.digest}")
+            names.append(name)
             if not ref.digest:
                 names.append(str(ref.with_digest(target.digest)))
         done = []
