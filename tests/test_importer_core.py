@@ -273,3 +273,19 @@ def test_name_with_another_digest_is_refused(tmp_path: Path) -> None:
         Importer(store, OPTIONS).import_file(_archive(tmp_path, data))
     assert "\n" not in str(caught.value)
     assert store.images == {}
+
+
+def test_message_too_large_is_not_out_of_space() -> None:
+    """gRPC's RESOURCE_EXHAUSTED for an oversized message is a plain error, not a full disk."""
+    too_large = "Received message larger than max (20000000 vs. 16777216)"
+    err = translate(
+        _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large), "list images", "/run/c.sock"
+    )
+    assert not isinstance(err, OutOfSpace) and not err.retryable
+    assert err.code == "RESOURCE_EXHAUSTED"
+    full = translate(
+        _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "write: no space left on device"),
+        "write content sha256:x",
+        "/run/c.sock",
+    )
+    assert isinstance(full, OutOfSpace)
