@@ -10,19 +10,29 @@ import dataclasses
 import os
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import empty_pb2
 
 from agent import samples
+from agent._proto.containerd.services.leases.v1 import leases_pb2_grpc
 from agent.archive import layout, limits
 from agent.archive.compression import Compression
+from agent.containerd.client import Containerd
 from agent.containerd.content import Blob
 from agent.containerd.images import ImageRecord
 from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX, distribution_source, merge_sources
 from agent.containerd.rpc import channel_options, translate
-from agent.errors import ArchiveError, Cancelled, ContainerdError, OutOfSpace
+from agent.errors import (
+    ArchiveError,
+    Cancelled,
+    ContainerdError,
+    ContainerdUnavailable,
+    OutOfSpace,
+)
 from agent.importer import Importer, ImportOptions, ImportTarget
 from agent.importer.resolve import BlobReader, resolve
 from agent.platforms import Platform
@@ -289,3 +299,55 @@ def test_message_too_large_is_not_out_of_space() -> None:
         "/run/c.sock",
     )
     assert isinstance(full, OutOfSpace)
+
+
+class LeaseLog(MemoryStore):
+    """The in-memory store, noting how each lease was released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: list[bool] = []
+
+    def delete_lease(self, lease_id: str, *, sync: bool = True) -> None:
+        self.released.append(sync)
+
+
+def test_only_a_complete_import_waits_for_collection(tmp_path: Path) -> None:
+    """A failed import releases its lease without waiting for containerd's GC; a complete one waits."""
+    store = LeaseLog()
+    good = _archive(tmp_path, samples.oci_archive([_two_layer("app:1")]), "good.tar")
+    Importer(store, OPTIONS).import_file(good)
+    bad = _archive(tmp_path, b"not an archive at all" * 100, "bad.tar")
+    with pytest.raises(ArchiveError):
+        Importer(store, OPTIONS).import_file(bad)
+    assert store.released == [True, False]
+
+
+class _WedgedLeases(leases_pb2_grpc.LeasesServicer):  # type: ignore[misc]
+    """A Leases service whose Delete never answers until released (a wedged containerd)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Delete(self, request: object, context: object) -> empty_pb2.Empty:
+        self.release.wait(30)
+        return empty_pb2.Empty()
+
+
+def test_sync_lease_delete_has_a_deadline(tmp_path: Path) -> None:
+    """Releasing a lease on a containerd that never answers ends at the client's deadline."""
+    servicer = _WedgedLeases()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    leases_pb2_grpc.add_LeasesServicer_to_server(servicer, server)
+    socket = f"unix://{tmp_path}/c.sock"
+    server.add_insecure_port(socket)
+    server.start()
+    try:
+        with Containerd(socket, timeout=0.5) as client:
+            started = time.monotonic()
+            with pytest.raises(ContainerdUnavailable):
+                client.delete_lease("x", sync=True)
+            assert time.monotonic() - started < 5
+    finally:
+        servicer.release.set()
+        server.stop(None)
