@@ -12,7 +12,7 @@ import pytest
 from agent import samples
 from agent.archive import layout
 from agent.containerd import Containerd
-from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX
+from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX, LABEL_MAX
 from agent.importer import Importer, ImportOptions
 from agent.platforms import Platform
 from agent.sandbox import PrivateContainerd
@@ -459,3 +459,41 @@ def test_distribution_source_labels_match_a_cri_pull(
         Importer(other, ImportOptions(platforms=(node,), cri_wait_s=0)).import_file(str(path))
         imported = _image_sources(other, name)
     assert imported == pulled
+
+
+def test_distribution_source_label_stays_within_containerd_limit(
+    client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """Content shared by more repositories than one label can hold still imports.
+
+    containerd refuses a label over 4096 bytes; the list is cut to fit, this
+    import's repository kept, instead of every later import failing.
+    """
+    options = ImportOptions(platforms=(node,), cri_wait_s=0, unpack=False)
+    layer = {"s": b"shared base"}
+    first = _write(
+        tmp_path / "a.tar",
+        samples.oci_archive([samples.simple_image("registry.example/team/a:1", layer, node)]),
+    )
+    digest = Importer(client, options).import_file(str(first)).images[0].digest
+    key = DISTRIBUTION_SOURCE_PREFIX + "registry.example"
+    budget = LABEL_MAX - len(key)
+    repos = ["team/a"]
+    while len(",".join(repos)) < budget - 8:
+        repos.append(f"team/r{len(repos):05d}"[: budget - len(",".join(repos)) - 1])
+    full = ",".join(repos)
+    client.label_blob(digest, {key: full})  # as ~300 imports would have left it
+    assert len(full) <= budget and len(full) + len(",team/newcomer") > budget
+    second = _write(
+        tmp_path / "b.tar",
+        samples.oci_archive(
+            [samples.simple_image("registry.example/team/newcomer:1", layer, node)]
+        ),
+    )
+    result = Importer(client, options).import_file(str(second))
+    assert result.images[0].digest == digest
+    info = client.blob_info(digest)
+    assert info is not None
+    value = info.labels[key]
+    assert len(key) + len(value) <= LABEL_MAX
+    assert "team/newcomer" in value.split(",")

@@ -24,7 +24,12 @@ from agent.archive.compression import Compression
 from agent.containerd.client import Containerd
 from agent.containerd.content import Blob
 from agent.containerd.images import ImageRecord
-from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX, distribution_source, merge_sources
+from agent.containerd.labels import (
+    DISTRIBUTION_SOURCE_PREFIX,
+    LABEL_MAX,
+    distribution_source,
+    merge_sources,
+)
 from agent.containerd.rpc import channel_options, translate
 from agent.errors import (
     ArchiveError,
@@ -351,3 +356,16 @@ def test_sync_lease_delete_has_a_deadline(tmp_path: Path) -> None:
     finally:
         servicer.release.set()
         server.stop(None)
+
+
+def test_distribution_sources_are_cut_to_containerd_label_limit() -> None:
+    """The merged source list keeps key and value within 4096 bytes, the new repository kept."""
+    key = DISTRIBUTION_SOURCE_PREFIX + "registry.example"
+    existing = ",".join(f"team/repository-{i:04d}" for i in range(300))
+    merged = merge_sources(existing, "zz/newest", key=key)
+    assert len(key) + len(merged) <= LABEL_MAX
+    assert "zz/newest" in merged.split(",")
+    assert merged.split(",") == sorted(merged.split(","))
+    assert len(merged) > LABEL_MAX - len(key) - 40  # filled, not emptied
+    # A repository that could never fit is left out rather than failing.
+    assert merge_sources("a", "x" * 5000, key=key) == "a"

@@ -89,7 +89,7 @@ class Commit:
                 info = self.store.blob_info(digest)
                 have = info.labels if info is not None else {}
                 for key, repos in sources[digest].items():
-                    labels[key] = merge_sources(have.get(key, ""), *repos)
+                    labels[key] = merge_sources(have.get(key, ""), *repos, key=key)
             self.store.label_blob(digest, labels)
 
     # -- unpacking ---------------------------------------------------------------
