@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tarfile
 from pathlib import Path
@@ -497,3 +498,26 @@ def test_distribution_source_label_stays_within_containerd_limit(
     value = info.labels[key]
     assert len(key) + len(value) <= LABEL_MAX
     assert "team/newcomer" in value.split(",")
+
+
+def test_legacy_docker_archive_with_big_layer_imports_twice(
+    client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """A Docker < 25 archive (layers as ``<id>/layer.tar``, digests unknown) imports again.
+
+    Its layers are written without an expected digest; for a layer over the
+    small-blob threshold containerd answers the second write ALREADY_EXISTS,
+    which is the blob being there, not a failure.
+    """
+    big = samples.Layer({"noise": os.urandom(layout.MAX_JSON + (1 << 20))})
+    image = samples.SampleImage("legacy:1", (samples.Variant(node, (big,)),))
+    path = _write(tmp_path / "legacy.tar", samples.docker_archive([image], legacy_names=True))
+    with tarfile.open(path) as tar:
+        assert any(n.endswith("/layer.tar") for n in tar.getnames())
+    options = ImportOptions(platforms=(node,), cri_wait_s=0)
+    first = Importer(client, options).import_file(str(path))
+    again = Importer(client, options).import_file(str(path))
+    assert again.images[0].digest == first.images[0].digest
+    assert [i.action for i in again.images] == ["unchanged"] * len(again.images)
+    assert_pinned(client, "docker.io/library/legacy:1")
+    assert_no_leases(client)
