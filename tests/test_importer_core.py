@@ -10,6 +10,7 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from agent.archive import layout, limits
 from agent.archive.compression import Compression
 from agent.containerd.client import Containerd
 from agent.containerd.content import Blob
-from agent.containerd.images import ImageRecord
+from agent.containerd.images import ImageRecord, Put
 from agent.containerd.labels import (
     DISTRIBUTION_SOURCE_PREFIX,
     LABEL_MAX,
@@ -71,7 +72,7 @@ class FailingRecords(MemoryStore):
 
     def put_image(
         self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
-    ) -> str:
+    ) -> Put:
         if name == self.fail:
             raise ContainerdError(f"create {name}: refused", code="UNKNOWN")
         return super().put_image(name, media_type, digest, size, labels)
@@ -369,3 +370,70 @@ def test_distribution_sources_are_cut_to_containerd_label_limit() -> None:
     assert len(merged) > LABEL_MAX - len(key) - 40  # filled, not emptied
     # A repository that could never fit is left out rather than failing.
     assert merge_sources("a", "x" * 5000, key=key) == "a"
+
+
+class RacingRecords(FailingRecords):
+    """Fails the record write for ``fail``; ``before[name]`` runs just before ``name`` is put,
+    as another tool writing the same record at that moment would."""
+
+    def __init__(self, fail: str) -> None:
+        super().__init__(fail)
+        self.before: dict[str, Callable[[], object]] = {}
+
+    def put_image(
+        self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
+    ) -> Put:
+        hook = self.before.pop(name, None)
+        if hook is not None:
+            hook()
+        return super().put_image(name, media_type, digest, size, labels)
+
+
+OTHER = "sha256:" + "9" * 64
+
+
+def _other_tool(store: MemoryStore, name: str) -> Callable[[], object]:
+    """Another tool pointing ``name`` at OTHER."""
+    return lambda: MemoryStore.put_image(store, name, layout.OCI_MANIFEST, OTHER, 1, {"t": "x"})
+
+
+def test_rollback_leaves_a_tag_another_tool_moved_since(tmp_path: Path) -> None:
+    """A tag the failed import moved, then another tool moved again, is not moved back."""
+    store = RacingRecords("docker.io/library/zzz:1")
+    Importer(store, OPTIONS).import_file(
+        _archive(tmp_path, samples.oci_archive([_two_layer("app:1", b"old")]), "old.tar")
+    )
+    tag = "docker.io/library/app:1"
+    # Just after the import moved app:1 (while writing its digest record), another tool moves it.
+    store.before["docker.io/library/zzz:1"] = _other_tool(store, tag)
+    new = samples.oci_archive([_two_layer("app:1", b"new"), _two_layer("zzz:1")])
+    with pytest.raises(ContainerdError, match="refused"):
+        Importer(store, OPTIONS).import_file(_archive(tmp_path, new, "new.tar"))
+    record = store.get_image(tag)
+    assert record is not None and record.target.digest == OTHER
+
+
+def test_rollback_keeps_a_record_another_tool_took_over(tmp_path: Path) -> None:
+    """A record the failed import created, then another tool re-pointed, is not deleted."""
+    store = RacingRecords("docker.io/library/zzz:1")
+    tag = "docker.io/library/app:1"
+    store.before["docker.io/library/zzz:1"] = _other_tool(store, tag)
+    data = samples.oci_archive([_two_layer("app:1"), _two_layer("zzz:1")])
+    with pytest.raises(ContainerdError, match="refused"):
+        Importer(store, OPTIONS).import_file(_archive(tmp_path, data))
+    record = store.get_image(tag)
+    assert record is not None and record.target.digest == OTHER
+    # What the import created and still pointed at its own image is gone.
+    assert sorted(store.images) == [tag]
+
+
+def test_rollback_restores_a_tag_another_tool_created_just_before(tmp_path: Path) -> None:
+    """A tag another tool created just before the import's write is put back, not left moved."""
+    store = RacingRecords("docker.io/library/zzz:1")
+    tag = "docker.io/library/app:1"
+    store.before[tag] = _other_tool(store, tag)  # after the import would have looked, before put
+    data = samples.oci_archive([_two_layer("app:1"), _two_layer("zzz:1")])
+    with pytest.raises(ContainerdError, match="refused"):
+        Importer(store, OPTIONS).import_file(_archive(tmp_path, data))
+    record = store.get_image(tag)
+    assert record is not None and record.target.digest == OTHER

@@ -55,8 +55,10 @@ class Commit:
         self.lease = lease
         self.stop = stop
         self.unpacker = unpacker
-        self.created: list[str] = []
-        self.moved: list[ImageRecord] = []
+        # (name, our target digest) of records this import created, and
+        # (record as it was, our target digest) of those it moved.
+        self.created: list[tuple[str, str]] = []
+        self.moved: list[tuple[ImageRecord, str]] = []
 
     def run(self, plan: Resolution) -> list[ImportedImage]:
         for digest, body in plan.synthesized.items():
@@ -150,14 +152,12 @@ class Commit:
         done = []
         for name in dict.fromkeys(names):
             check_stop(self.stop)
-            before = self.store.get_image(name)
-            action = self.store.put_image(
-                name, target.media_type, target.digest, target.size, labels
-            )
-            if before is None and action == "created":
-                self.created.append(name)
-            elif before is not None and before.target.digest != target.digest:
-                self.moved.append(before)
+            put = self.store.put_image(name, target.media_type, target.digest, target.size, labels)
+            action = put.action
+            if put.previous is None:
+                self.created.append((name, target.digest))
+            elif put.previous.target.digest != target.digest:
+                self.moved.append((put.previous, target.digest))
             if "@" not in name or name in image.names:
                 unpacked = self.unpacker is not None
                 done.append(
@@ -168,13 +168,21 @@ class Commit:
     def rollback(self) -> None:
         """Undo the records written: remove those created, move moved tags back.
 
-        Labels the import added to a moved record (its pin) stay; the target
-        is what decides which image the name runs.
+        Only a record that still points at this import's target is touched:
+        one another tool moved or created since is theirs now. Labels the
+        import added to a moved record (its pin) stay; the target is what
+        decides which image the name runs.
         """
-        for name in self.created:
+        for name, ours in self.created:
             with contextlib.suppress(ContainerdError):
-                self.store.delete_image(name)
-        for old in self.moved:
+                if self._still_ours(name, ours):
+                    self.store.delete_image(name)
+        for old, ours in self.moved:
             with contextlib.suppress(ContainerdError):
-                t = old.target
-                self.store.put_image(old.name, t.media_type, t.digest, t.size, old.labels)
+                if self._still_ours(old.name, ours):
+                    t = old.target
+                    self.store.put_image(old.name, t.media_type, t.digest, t.size, old.labels)
+
+    def _still_ours(self, name: str, digest: str) -> bool:
+        current = self.store.get_image(name)
+        return current is not None and current.target.digest == digest
