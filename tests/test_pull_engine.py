@@ -194,3 +194,58 @@ def test_pull_that_succeeds_while_wanted_pins() -> None:
     assert cri.pinned == {REF: True}
     (row,) = puller.snapshot()
     assert row["state"] == str(PullState.PULLED)
+
+
+class HeldPin(HeldCri):
+    """A CRI whose pull succeeds at once but whose pin (label_image) waits for the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.set()
+        self.pin_entered = threading.Event()
+        self.pin_release = threading.Event()
+        self.settled = threading.Condition()
+
+    def label_image(self, name: str, labels: dict[str, str]) -> None:
+        if not self.pin_entered.is_set():
+            self.pin_entered.set()
+            assert self.pin_release.wait(WAIT_S), "the test never released the pin"
+        with self.settled:
+            super().label_image(name, labels)
+            self.settled.notify_all()
+
+    def unlabel_image(self, name: str, *keys: str) -> None:
+        with self.settled:
+            super().unlabel_image(name, *keys)
+            self.settled.notify_all()
+
+
+def test_list_drop_while_a_pin_is_in_flight_ends_unpinned() -> None:
+    """A list dropping an image while its pin is in flight neither waits for it nor loses.
+
+    set_source runs on the daemon's loop: it must return while containerd
+    still holds the pin call, and the image must end unpinned once the pin
+    lands.
+    """
+    cri = HeldPin()
+    changes = Changes()
+    puller = _puller(cri, changes)
+    puller.start()
+    try:
+        puller.set_source("list.txt", [_entry()], [])
+        assert cri.pin_entered.wait(WAIT_S)
+        dropped = threading.Thread(target=puller.set_source, args=("list.txt", [], []))
+        dropped.start()
+        dropped.join(WAIT_S / 2)
+        returned = not dropped.is_alive()
+        cri.pin_release.set()
+        dropped.join(WAIT_S)
+        assert returned, "set_source waited for a pin call in flight"
+        with cri.settled:
+            assert cri.settled.wait_for(lambda: cri.pinned.get(REF) is False, WAIT_S), cri.pinned
+        changes.wait_for(3)
+    finally:
+        cri.pin_release.set()
+        puller.stop()
+    assert cri.pinned[REF] is False
+    assert puller.snapshot() == []

@@ -97,12 +97,10 @@ class Puller:
         self.observe = observe
         self.sources: dict[str, tuple[list[Entry], list[Problem]]] = {}
         self.status: dict[str, PullStatus] = {}
-        # The one lock over all of the puller's state (sources, status).
+        # The one lock over all of the puller's state (sources, status). It is
+        # never held across a call to containerd or to ``protected``: pins and
+        # unpins look at the state again after each call instead (see _unpin).
         self._cond = threading.Condition()
-        # Orders pin and unpin calls to containerd (guards no state): a pin
-        # decided while a list wants an image cannot land after the unpin
-        # that follows the list dropping it.
-        self._labels = threading.Lock()
         self._stop = False
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pull")
         self._thread = threading.Thread(target=self._schedule, name="pull-scheduler", daemon=True)
@@ -315,26 +313,47 @@ class Puller:
         return str(PullState.PULLED), image_id
 
     def _pin(self, ref: str, st: PullStatus | None) -> None:
-        """Pin ``ref``; with ``st``, only if it is still the wanted status (decided and done
-        under the label lock, so an unpin for a list that dropped it cannot come first)."""
-        with self._labels:
-            if st is not None:
-                with self._cond:
-                    if self.status.get(ref) is not st:
-                        self.log.info("pull.dropped", image=ref)
-                        return
-            self.client.label_image(ref, {PINNED_LABEL: PINNED_VALUE})
+        """Pin ``ref``; with ``st``, only while it is still the wanted status.
+
+        No lock is held across the label call: a list may drop the image
+        while it is in flight. Looking again after the call settles that: if
+        the status was dropped meanwhile, the unpin that followed the drop may
+        have landed first, so it is done again.
+        """
+        if st is not None and not self._current(ref, st):
+            self.log.info("pull.dropped", image=ref)
+            return
+        self.client.label_image(ref, {PINNED_LABEL: PINNED_VALUE})
+        if st is not None and not self._current(ref, st):
+            self.log.info("pull.dropped", image=ref)
+            self._unpin(ref)
+
+    def _current(self, ref: str, st: PullStatus) -> bool:
+        with self._cond:
+            return self.status.get(ref) is st
+
+    def _wanted(self, ref: str) -> bool:
+        """A list wants ``ref``, or an archive holds it (``protected``, called unlocked)."""
+        with self._cond:
+            if ref in self.status:
+                return True
+        return ref in self.protected()
 
     def _unpin(self, ref: str) -> None:
-        """No list wants ``ref`` any more: let kubelet GC have it (unless an archive holds it)."""
-        with self._labels:
-            with self._cond:
-                if ref in self.status:
-                    return  # wanted again meanwhile
-            if ref in self.protected():
-                return
-            try:
+        """No list wants ``ref`` any more: let kubelet GC have it (unless an archive holds it).
+
+        Runs on the caller's thread (the daemon's loop for set_source) with no
+        lock held across containerd calls. A pin for the image wanted again
+        may race the unpin; looking again after each call settles it, each
+        call answering a change of what is wanted, so the last word is right.
+        """
+        try:
+            while not self._wanted(ref):
                 self.client.unlabel_image(ref, PINNED_LABEL)
-                self.log.info("image.unpinned", image=ref)
-            except AgentError as err:
-                self.log.warning("image.unpin_failed", image=ref, error=str(err))
+                if not self._wanted(ref):
+                    self.log.info("image.unpinned", image=ref)
+                    return
+                # Wanted again meanwhile: a pin may have landed before the unpin.
+                self.client.label_image(ref, {PINNED_LABEL: PINNED_VALUE})
+        except AgentError as err:
+            self.log.warning("image.unpin_failed", image=ref, error=str(err))
