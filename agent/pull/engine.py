@@ -1,7 +1,8 @@
 """Keep wanted images present and pinned, pulling through the CRI.
 
-A scheduler thread decides what is due (pure helpers in status.py); a bounded pool
-of workers checks (CRI ImageStatus) and pulls (CRI PullImage). Digest
+A scheduler thread decides what is due (pure helpers in status.py); at most
+``concurrency`` worker threads (daemon threads, so exit never waits for a
+pull) check (CRI ImageStatus) and pull (CRI PullImage). Digest
 references are done once present; tag references are pulled again every
 refresh interval so a moved tag is followed. Failures back off: transient
 ones (registry down, timeouts) briefly, permanent ones (not found,
@@ -15,7 +16,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import structlog
@@ -102,7 +102,6 @@ class Puller:
         # unpins look at the state again after each call instead (see _unpin).
         self._cond = threading.Condition()
         self._stop = False
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pull")
         self._thread = threading.Thread(target=self._schedule, name="pull-scheduler", daemon=True)
         self._rng = random.Random()
 
@@ -170,12 +169,17 @@ class Puller:
         self._thread.start()
 
     def stop(self) -> None:
+        """Hand out no more work. Pulls under way are not waited for.
+
+        Each pull runs on a daemon thread of its own, so one that takes
+        until its deadline (``timeout_s``) never holds up the process's exit,
+        and that exit ends it (containerd sees the connection go).
+        """
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _schedule(self) -> None:
         """Hand due images to the workers, at most ``concurrency`` at a time."""
@@ -189,7 +193,11 @@ class Puller:
                 )
                 for st in due[: max(0, free)]:
                     st.busy = True
-                    self._pool.submit(self._work, st.image, st)
+                    # At most ``concurrency`` at a time (``busy``), daemon
+                    # threads so that interpreter exit never joins a pull.
+                    threading.Thread(
+                        target=self._work, args=(st.image, st), name="pull", daemon=True
+                    ).start()
                 later = [
                     st.due for st in self.status.values() if not st.busy and now < st.due < math.inf
                 ]
@@ -198,7 +206,7 @@ class Puller:
                 self._cond.wait(timeout)
 
     def _work(self, ref: str, st: PullStatus) -> None:
-        """One check-and-pull of ``ref`` on a pool thread; never lets an exception escape.
+        """One check-and-pull of ``ref`` on a worker thread; never lets an exception escape.
 
         ``st`` is the status the scheduler handed out. If a list dropped the
         image meanwhile (or dropped and added it again, which makes a new
@@ -209,7 +217,7 @@ class Puller:
             outcome, image_id = self._ensure(ref, st)
         except AgentError as err:
             self._failed(ref, st, classify(err))
-        except Exception as err:  # a bug: must not vanish into the pool's Future
+        except Exception as err:  # a bug: must not vanish with the thread
             self.log.exception("pull.crashed", image=ref, error=f"{type(err).__name__}: {err}")
             self._failed(ref, st, Failure(False, f"internal error: {type(err).__name__}: {err}"))
         else:
