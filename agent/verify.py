@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from agent._proto.containerd.types import descriptor_pb2
 from agent.archive import layout
 from agent.archive.tarstream import walk
-from agent.containerd.client import Blob, ImageRecord
+from agent.containerd.client import Blob, ImageRecord, Put
 from agent.errors import ArchiveError, ContainerdError, NotFound
 from agent.importer import Importer, ImportOptions, ImportResult, ImportTarget, ProgressFn
 
@@ -94,10 +94,15 @@ class MemoryStore:
 
     def put_image(
         self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
-    ) -> str:
+    ) -> Put:
+        previous = self.images.get(name)
         target = descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size)
-        self.images[name] = ImageRecord(name, target, dict(labels))
-        return "created"
+        merged = {**(previous.labels if previous else {}), **labels}
+        self.images[name] = ImageRecord(name, target, merged)
+        if previous is None:
+            return Put("created", None)
+        same = previous.target.digest == digest and previous.labels == merged
+        return Put("unchanged" if same else "updated", previous)
 
     def delete_image(self, name: str) -> None:
         self.images.pop(name, None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import tarfile
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from agent import samples
 from agent.archive import layout
 from agent.containerd import Containerd
-from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX
+from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX, LABEL_MAX
 from agent.importer import Importer, ImportOptions
 from agent.platforms import Platform
 from agent.sandbox import PrivateContainerd
@@ -459,3 +460,64 @@ def test_distribution_source_labels_match_a_cri_pull(
         Importer(other, ImportOptions(platforms=(node,), cri_wait_s=0)).import_file(str(path))
         imported = _image_sources(other, name)
     assert imported == pulled
+
+
+def test_distribution_source_label_stays_within_containerd_limit(
+    client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """Content shared by more repositories than one label can hold still imports.
+
+    containerd refuses a label over 4096 bytes; the list is cut to fit, this
+    import's repository kept, instead of every later import failing.
+    """
+    options = ImportOptions(platforms=(node,), cri_wait_s=0, unpack=False)
+    layer = {"s": b"shared base"}
+    first = _write(
+        tmp_path / "a.tar",
+        samples.oci_archive([samples.simple_image("registry.example/team/a:1", layer, node)]),
+    )
+    digest = Importer(client, options).import_file(str(first)).images[0].digest
+    key = DISTRIBUTION_SOURCE_PREFIX + "registry.example"
+    budget = LABEL_MAX - len(key)
+    repos = ["team/a"]
+    while len(",".join(repos)) < budget - 8:
+        repos.append(f"team/r{len(repos):05d}"[: budget - len(",".join(repos)) - 1])
+    full = ",".join(repos)
+    client.label_blob(digest, {key: full})  # as ~300 imports would have left it
+    assert len(full) <= budget and len(full) + len(",team/newcomer") > budget
+    second = _write(
+        tmp_path / "b.tar",
+        samples.oci_archive(
+            [samples.simple_image("registry.example/team/newcomer:1", layer, node)]
+        ),
+    )
+    result = Importer(client, options).import_file(str(second))
+    assert result.images[0].digest == digest
+    info = client.blob_info(digest)
+    assert info is not None
+    value = info.labels[key]
+    assert len(key) + len(value) <= LABEL_MAX
+    assert "team/newcomer" in value.split(",")
+
+
+def test_legacy_docker_archive_with_big_layer_imports_twice(
+    client: Containerd, node: Platform, tmp_path: Path
+) -> None:
+    """A Docker < 25 archive (layers as ``<id>/layer.tar``, digests unknown) imports again.
+
+    Its layers are written without an expected digest; for a layer over the
+    small-blob threshold containerd answers the second write ALREADY_EXISTS,
+    which is the blob being there, not a failure.
+    """
+    big = samples.Layer({"noise": os.urandom(layout.MAX_JSON + (1 << 20))})
+    image = samples.SampleImage("legacy:1", (samples.Variant(node, (big,)),))
+    path = _write(tmp_path / "legacy.tar", samples.docker_archive([image], legacy_names=True))
+    with tarfile.open(path) as tar:
+        assert any(n.endswith("/layer.tar") for n in tar.getnames())
+    options = ImportOptions(platforms=(node,), cri_wait_s=0)
+    first = Importer(client, options).import_file(str(path))
+    again = Importer(client, options).import_file(str(path))
+    assert again.images[0].digest == first.images[0].digest
+    assert [i.action for i in again.images] == ["unchanged"] * len(again.images)
+    assert_pinned(client, "docker.io/library/legacy:1")
+    assert_no_leases(client)

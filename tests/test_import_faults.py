@@ -15,6 +15,7 @@ import pytest
 from agent import samples
 from agent._proto.containerd.types import mount_pb2
 from agent.containerd import Containerd
+from agent.containerd.images import Put
 from agent.errors import AgentError, Cancelled, ContainerdError, OutOfSpace
 from agent.importer import Importer, ImportOptions, Progress
 from agent.platforms import Platform
@@ -90,7 +91,7 @@ class FailingRecord(Containerd):
 
     def put_image(
         self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
-    ) -> str:
+    ) -> Put:
         if name == self.fail:
             raise ContainerdError(f"create {name}: refused", code="UNKNOWN")
         return super().put_image(name, media_type, digest, size, labels)

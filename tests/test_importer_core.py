@@ -10,19 +10,35 @@ import dataclasses
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent import futures
 from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf import empty_pb2
 
 from agent import samples
+from agent._proto.containerd.services.leases.v1 import leases_pb2_grpc
 from agent.archive import layout, limits
 from agent.archive.compression import Compression
+from agent.containerd.client import Containerd
 from agent.containerd.content import Blob
-from agent.containerd.images import ImageRecord
-from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX, distribution_source, merge_sources
+from agent.containerd.images import ImageRecord, Put
+from agent.containerd.labels import (
+    DISTRIBUTION_SOURCE_PREFIX,
+    LABEL_MAX,
+    distribution_source,
+    merge_sources,
+)
 from agent.containerd.rpc import channel_options, translate
-from agent.errors import ArchiveError, Cancelled, ContainerdError, OutOfSpace
+from agent.errors import (
+    ArchiveError,
+    Cancelled,
+    ContainerdError,
+    ContainerdUnavailable,
+    OutOfSpace,
+)
 from agent.importer import Importer, ImportOptions, ImportTarget
 from agent.importer.resolve import BlobReader, resolve
 from agent.platforms import Platform
@@ -56,7 +72,7 @@ class FailingRecords(MemoryStore):
 
     def put_image(
         self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
-    ) -> str:
+    ) -> Put:
         if name == self.fail:
             raise ContainerdError(f"create {name}: refused", code="UNKNOWN")
         return super().put_image(name, media_type, digest, size, labels)
@@ -262,3 +278,162 @@ def test_verify_store_is_an_import_target() -> None:
     store.put_image("a:1", layout.OCI_MANIFEST, "sha256:" + "a" * 64, 1, {})
     record = store.get_image("a:1")
     assert isinstance(record, ImageRecord) and record.target.size == 1
+
+
+def test_name_with_another_digest_is_refused(tmp_path: Path) -> None:
+    """A name pinned to a digest other than the image's is refused; no record is written."""
+    store = MemoryStore()
+    forged = "registry.example/team/app@sha256:" + "a" * 64
+    data = samples.oci_archive([_two_layer("app:1"), _two_layer(forged, b"other")])
+    with pytest.raises(ArchiveError, match="names a digest") as caught:
+        Importer(store, OPTIONS).import_file(_archive(tmp_path, data))
+    assert "\n" not in str(caught.value)
+    assert store.images == {}
+
+
+def test_message_too_large_is_not_out_of_space() -> None:
+    """gRPC's RESOURCE_EXHAUSTED for an oversized message is a plain error, not a full disk."""
+    too_large = "Received message larger than max (20000000 vs. 16777216)"
+    err = translate(
+        _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, too_large), "list images", "/run/c.sock"
+    )
+    assert not isinstance(err, OutOfSpace) and not err.retryable
+    assert err.code == "RESOURCE_EXHAUSTED"
+    full = translate(
+        _rpc_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "write: no space left on device"),
+        "write content sha256:x",
+        "/run/c.sock",
+    )
+    assert isinstance(full, OutOfSpace)
+
+
+class LeaseLog(MemoryStore):
+    """The in-memory store, noting how each lease was released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.released: list[bool] = []
+
+    def delete_lease(self, lease_id: str, *, sync: bool = True) -> None:
+        self.released.append(sync)
+
+
+def test_only_a_complete_import_waits_for_collection(tmp_path: Path) -> None:
+    """A failed import releases its lease without waiting for containerd's GC; a complete one waits."""
+    store = LeaseLog()
+    good = _archive(tmp_path, samples.oci_archive([_two_layer("app:1")]), "good.tar")
+    Importer(store, OPTIONS).import_file(good)
+    bad = _archive(tmp_path, b"not an archive at all" * 100, "bad.tar")
+    with pytest.raises(ArchiveError):
+        Importer(store, OPTIONS).import_file(bad)
+    assert store.released == [True, False]
+
+
+class _WedgedLeases(leases_pb2_grpc.LeasesServicer):  # type: ignore[misc]
+    """A Leases service whose Delete never answers until released (a wedged containerd)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+
+    def Delete(self, request: object, context: object) -> empty_pb2.Empty:
+        self.release.wait(30)
+        return empty_pb2.Empty()
+
+
+def test_sync_lease_delete_has_a_deadline(tmp_path: Path) -> None:
+    """Releasing a lease on a containerd that never answers ends at the client's deadline."""
+    servicer = _WedgedLeases()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    leases_pb2_grpc.add_LeasesServicer_to_server(servicer, server)
+    socket = f"unix://{tmp_path}/c.sock"
+    server.add_insecure_port(socket)
+    server.start()
+    try:
+        with Containerd(socket, timeout=0.5) as client:
+            started = time.monotonic()
+            with pytest.raises(ContainerdUnavailable):
+                client.delete_lease("x", sync=True)
+            assert time.monotonic() - started < 5
+    finally:
+        servicer.release.set()
+        server.stop(None)
+
+
+def test_distribution_sources_are_cut_to_containerd_label_limit() -> None:
+    """The merged source list keeps key and value within 4096 bytes, the new repository kept."""
+    key = DISTRIBUTION_SOURCE_PREFIX + "registry.example"
+    existing = ",".join(f"team/repository-{i:04d}" for i in range(300))
+    merged = merge_sources(existing, "zz/newest", key=key)
+    assert len(key) + len(merged) <= LABEL_MAX
+    assert "zz/newest" in merged.split(",")
+    assert merged.split(",") == sorted(merged.split(","))
+    assert len(merged) > LABEL_MAX - len(key) - 40  # filled, not emptied
+    # A repository that could never fit is left out rather than failing.
+    assert merge_sources("a", "x" * 5000, key=key) == "a"
+
+
+class RacingRecords(FailingRecords):
+    """Fails the record write for ``fail``; ``before[name]`` runs just before ``name`` is put,
+    as another tool writing the same record at that moment would."""
+
+    def __init__(self, fail: str) -> None:
+        super().__init__(fail)
+        self.before: dict[str, Callable[[], object]] = {}
+
+    def put_image(
+        self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
+    ) -> Put:
+        hook = self.before.pop(name, None)
+        if hook is not None:
+            hook()
+        return super().put_image(name, media_type, digest, size, labels)
+
+
+OTHER = "sha256:" + "9" * 64
+
+
+def _other_tool(store: MemoryStore, name: str) -> Callable[[], object]:
+    """Another tool pointing ``name`` at OTHER."""
+    return lambda: MemoryStore.put_image(store, name, layout.OCI_MANIFEST, OTHER, 1, {"t": "x"})
+
+
+def test_rollback_leaves_a_tag_another_tool_moved_since(tmp_path: Path) -> None:
+    """A tag the failed import moved, then another tool moved again, is not moved back."""
+    store = RacingRecords("docker.io/library/zzz:1")
+    Importer(store, OPTIONS).import_file(
+        _archive(tmp_path, samples.oci_archive([_two_layer("app:1", b"old")]), "old.tar")
+    )
+    tag = "docker.io/library/app:1"
+    # Just after the import moved app:1 (while writing its digest record), another tool moves it.
+    store.before["docker.io/library/zzz:1"] = _other_tool(store, tag)
+    new = samples.oci_archive([_two_layer("app:1", b"new"), _two_layer("zzz:1")])
+    with pytest.raises(ContainerdError, match="refused"):
+        Importer(store, OPTIONS).import_file(_archive(tmp_path, new, "new.tar"))
+    record = store.get_image(tag)
+    assert record is not None and record.target.digest == OTHER
+
+
+def test_rollback_keeps_a_record_another_tool_took_over(tmp_path: Path) -> None:
+    """A record the failed import created, then another tool re-pointed, is not deleted."""
+    store = RacingRecords("docker.io/library/zzz:1")
+    tag = "docker.io/library/app:1"
+    store.before["docker.io/library/zzz:1"] = _other_tool(store, tag)
+    data = samples.oci_archive([_two_layer("app:1"), _two_layer("zzz:1")])
+    with pytest.raises(ContainerdError, match="refused"):
+        Importer(store, OPTIONS).import_file(_archive(tmp_path, data))
+    record = store.get_image(tag)
+    assert record is not None and record.target.digest == OTHER
+    # What the import created and still pointed at its own image is gone.
+    assert sorted(store.images) == [tag]
+
+
+def test_rollback_restores_a_tag_another_tool_created_just_before(tmp_path: Path) -> None:
+    """A tag another tool created just before the import's write is put back, not left moved."""
+    store = RacingRecords("docker.io/library/zzz:1")
+    tag = "docker.io/library/app:1"
+    store.before[tag] = _other_tool(store, tag)  # after the import would have looked, before put
+    data = samples.oci_archive([_two_layer("app:1"), _two_layer("zzz:1")])
+    with pytest.raises(ContainerdError, match="refused"):
+        Importer(store, OPTIONS).import_file(_archive(tmp_path, data))
+    record = store.get_image(tag)
+    assert record is not None and record.target.digest == OTHER

@@ -8,8 +8,13 @@ interleaving is the one named, every time; nothing sleeps.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -201,3 +206,122 @@ def test_pull_that_succeeds_while_wanted_pins() -> None:
     assert cri.pinned == {REF: True}
     (row,) = puller.snapshot()
     assert row["state"] == str(PullState.PULLED)
+
+
+class HeldPin(HeldCri):
+    """A CRI whose pull succeeds at once but whose pin (label_image) waits for the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release.set()
+        self.pin_entered = threading.Event()
+        self.pin_release = threading.Event()
+        self.settled = threading.Condition()
+
+    def label_image(self, name: str, labels: dict[str, str]) -> None:
+        if not self.pin_entered.is_set():
+            self.pin_entered.set()
+            assert self.pin_release.wait(WAIT_S), "the test never released the pin"
+        with self.settled:
+            super().label_image(name, labels)
+            self.settled.notify_all()
+
+    def unlabel_image(self, name: str, *keys: str) -> None:
+        with self.settled:
+            super().unlabel_image(name, *keys)
+            self.settled.notify_all()
+
+
+def test_list_drop_while_a_pin_is_in_flight_ends_unpinned() -> None:
+    """A list dropping an image while its pin is in flight neither waits for it nor loses.
+
+    set_source runs on the daemon's loop: it must return while containerd
+    still holds the pin call, and the image must end unpinned once the pin
+    lands.
+    """
+    cri = HeldPin()
+    changes = Changes()
+    puller = _puller(cri, changes)
+    puller.start()
+    try:
+        puller.set_source("list.txt", [_entry()], [])
+        assert cri.pin_entered.wait(WAIT_S)
+        dropped = threading.Thread(target=puller.set_source, args=("list.txt", [], []))
+        dropped.start()
+        dropped.join(WAIT_S / 2)
+        returned = not dropped.is_alive()
+        cri.pin_release.set()
+        dropped.join(WAIT_S)
+        assert returned, "set_source waited for a pin call in flight"
+        with cri.settled:
+            assert cri.settled.wait_for(lambda: cri.pinned.get(REF) is False, WAIT_S), cri.pinned
+        changes.wait_until("the drop", lambda: cri.pinned.get(REF) is False)
+    finally:
+        cri.pin_release.set()
+        puller.stop()
+    assert cri.pinned[REF] is False
+    assert puller.snapshot() == []
+
+
+_SLOW_PULL_SCRIPT = """
+import sys, threading
+import structlog
+from agent.containerd.cri import CriImage
+from agent.lists import Entry
+from agent.pull.engine import PullClient, Puller
+
+entered = threading.Event()
+
+
+class SlowCri:
+    def cri_image_status(self, ref: str) -> CriImage | None:
+        return None
+
+    def cri_pull(self, ref: str, *, username: str = "", password: str = "", server: str = "",
+                 identity_token: str = "", timeout: float | None = None) -> str:
+        entered.set()
+        threading.Event().wait(timeout)  # a registry that never answers, until the deadline
+        return "sha256:" + "1" * 64
+
+    def label_image(self, name: str, labels: dict[str, str]) -> None:
+        pass
+
+    def unlabel_image(self, name: str, *keys: str) -> None:
+        pass
+
+
+client: PullClient = SlowCri()
+puller = Puller(client, credentials={}, timeout_s=120, log=structlog.get_logger())
+puller.start()
+puller.set_source("list.txt", [Entry("registry.example/app:1", "list.txt", 1)], [])
+assert entered.wait(10), "the pull never started"
+puller.stop()
+print("stopped", flush=True)
+sys.exit(0)
+"""
+
+
+def test_process_exits_promptly_after_stop_with_a_pull_under_way(tmp_path: Path) -> None:
+    """Stopping the puller while a pull waits on a silent registry lets the process exit at once.
+
+    Interpreter exit used to join the pool's worker, i.e. wait for the
+    pull's deadline (30 minutes by default).
+    """
+    script = tmp_path / "slow_pull.py"
+    script.write_text(_SLOW_PULL_SCRIPT)
+    root = Path(__file__).resolve().parent.parent
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": str(root)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process did not exit after the puller stopped")
+    assert done.returncode == 0, done.stderr
+    assert "stopped" in done.stdout
+    assert time.monotonic() - started < 30

@@ -19,7 +19,7 @@ from agent._proto.containerd.services.version.v1 import version_pb2_grpc
 from agent._proto.containerd.types import mount_pb2
 from agent.containerd.content import Blob, ContentService, ContentStore
 from agent.containerd.cri import CriImage, CriService
-from agent.containerd.images import ImageRecord, ImageService
+from agent.containerd.images import ImageRecord, ImageService, Put
 from agent.containerd.labels import LEASE_PREFIX
 from agent.containerd.leases import LeaseService
 from agent.containerd.rpc import MAX_MESSAGE, Rpc, translate
@@ -150,7 +150,7 @@ class Containerd:
 
     def put_image(
         self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
-    ) -> str:
+    ) -> Put:
         return self._images.put_image(name, media_type, digest, size, labels)
 
     def label_image(self, name: str, labels: dict[str, str]) -> None:
@@ -204,6 +204,7 @@ __all__ = [
     "ContentStore",
     "CriImage",
     "ImageRecord",
+    "Put",
     "default_address",
     "translate",
 ]

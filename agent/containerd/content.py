@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import uuid
 from collections.abc import Iterable, Iterator
@@ -53,6 +54,24 @@ class ContentStore(Protocol):
     def label_blob(self, digest: str, labels: dict[str, str]) -> None:
         """Set ``labels`` on a blob, leaving its other labels alone."""
         ...
+
+
+class _Hashed:
+    """Chunks passed through as they are, hashed on the way; ``done`` once all were read."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = chunks
+        self._hash = hashlib.sha256()
+        self.done = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self._chunks:
+            self._hash.update(chunk)
+            yield chunk
+        self.done = True
+
+    def digest(self) -> str:
+        return "sha256:" + self._hash.hexdigest()
 
 
 class ContentService:
@@ -123,6 +142,9 @@ class ContentService:
         already is success.
         """
         ref = f"{LEASE_PREFIX}{uuid.uuid4().hex}"
+        # Without ``expected``, containerd's ALREADY_EXISTS at commit does not
+        # say which blob exists: hash what is sent, to answer with its digest.
+        hashed = None if expected else _Hashed(chunks)
         requests: queue.SimpleQueue[content_pb2.WriteContentRequest | None] = queue.SimpleQueue()
 
         def pump() -> Iterator[content_pb2.WriteContentRequest]:
@@ -137,7 +159,7 @@ class ContentService:
                 )
             )
             next(responses)
-            in_flight, offset = self._send(chunks, requests, responses)
+            in_flight, offset = self._send(hashed or chunks, requests, responses)
             requests.put(
                 content_pb2.WriteContentRequest(
                     action=content_pb2.COMMIT,
@@ -155,8 +177,11 @@ class ContentService:
             return str(last.digest)
         except grpc.RpcError as err:
             error = self._rpc.error(err, f"write content {expected or ref}")
-            if isinstance(error, AlreadyExists) and expected:
-                return expected
+            if isinstance(error, AlreadyExists):
+                if expected:
+                    return expected
+                if hashed is not None and hashed.done:
+                    return hashed.digest()
             raise error from None
         except BaseException:
             responses.cancel()

@@ -24,6 +24,20 @@ class ImageRecord:
     labels: dict[str, str]
 
 
+@dataclass(frozen=True)
+class Put:
+    """What :meth:`ImageService.put_image` did, and the record it found in the name's place.
+
+    ``action`` is ``created``, ``updated`` or ``unchanged``; ``previous`` is
+    None exactly when it created the record. It is the record as read just
+    before the write that took effect, so a record another tool created or
+    moved in between is what is reported, not what the caller saw earlier.
+    """
+
+    action: str
+    previous: ImageRecord | None
+
+
 class ImageService:
     def __init__(self, rpc: Rpc) -> None:
         self._rpc = rpc
@@ -47,11 +61,11 @@ class ImageService:
 
     def put_image(
         self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
-    ) -> str:
+    ) -> Put:
         """Create the image record, or move/relabel an existing one.
 
-        Returns ``created``, ``updated`` or ``unchanged``. Labels other than
-        ``labels`` (another tool's) are left as they are.
+        Returns what was done and what was there (see :class:`Put`). Labels
+        other than ``labels`` (another tool's) are left as they are.
         """
         target = descriptor_pb2.Descriptor(media_type=media_type, digest=digest, size=size)
         for _ in range(UPDATE_ATTEMPTS):
@@ -67,11 +81,11 @@ class ImageService:
                     )
                 except AlreadyExists:
                     continue  # created in between: read it again
-                return "created"
+                return Put("created", None)
             if existing.target.digest == target.digest and all(
                 existing.labels.get(k) == v for k, v in labels.items()
             ):
-                return "unchanged"
+                return Put("unchanged", existing)
             merged = {**existing.labels, **labels}
             paths = ["target", *(f"labels.{k}" for k in labels)]
             try:
@@ -80,7 +94,7 @@ class ImageService:
                 )
             except NotFound:
                 continue  # deleted in between: create it
-            return "updated"
+            return Put("updated", existing)
         raise ContainerdError(f"update {name}: the record kept changing; try again")
 
     def label_image(self, name: str, labels: dict[str, str]) -> None:

@@ -28,6 +28,9 @@ UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 # ``containerd.io/distribution.source.<host>=<repository>[,<repository>...]``.
 DISTRIBUTION_SOURCE_PREFIX = "containerd.io/distribution.source."
 
+# containerd refuses a label whose key and value together are longer (bytes).
+LABEL_MAX = 4096
+
 # Leases and content-write refs the agent creates start with this.
 LEASE_PREFIX = "image-agent-"
 
@@ -54,8 +57,24 @@ def _hostname(domain: str) -> str:
     return host if colon and port.isdigit() else domain
 
 
-def merge_sources(existing: str, *repositories: str) -> str:
-    """``existing`` (a comma-separated list) with ``repositories`` added, sorted, no duplicates."""
-    repos = {r for r in existing.split(",") if r}
-    repos.update(r for r in repositories if r)
-    return ",".join(sorted(repos))
+def merge_sources(existing: str, *repositories: str, key: str = "") -> str:
+    """``existing`` (a comma-separated list) with ``repositories`` added, sorted, no duplicates.
+
+    containerd refuses a label whose key and value together exceed
+    :data:`LABEL_MAX` bytes, and a base layer shared by many repositories
+    would get there. The value is kept within that limit (for the label
+    ``key``): ``repositories`` first, then as many of ``existing`` as still
+    fit, in sorted order; the rest are left out. The label only helps a
+    mirror find the content, so a shorter list is better than a failed import.
+    """
+    new = sorted({r for r in repositories if r})
+    old = sorted({r for r in existing.split(",") if r} - set(new))
+    budget = LABEL_MAX - len(key.encode())
+    kept: list[str] = []
+    used = -1  # no comma before the first
+    for repo in (*new, *old):
+        cost = len(repo.encode()) + 1
+        if used + cost <= budget:
+            kept.append(repo)
+            used += cost
+    return ",".join(sorted(kept))

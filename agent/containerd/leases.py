@@ -34,16 +34,17 @@ class LeaseService:
     def delete_lease(self, lease_id: str, *, sync: bool = True) -> None:
         """Release a lease and let containerd collect what nothing else references.
 
-        With ``sync`` (the default) this returns once content that only the
-        lease held is gone; without, containerd collects it in the background
-        (for a cancelled import, whose leftovers may take long to remove).
+        With ``sync`` (the default) this waits, up to the client's deadline,
+        until content that only the lease held is gone; without, containerd
+        collects it in the background. The wait is never unbounded: a wedged
+        containerd gives ContainerdUnavailable at the deadline, and the lease
+        itself is removed before containerd starts collecting.
         """
         with contextlib.suppress(NotFound):
             self._rpc.call(
                 self._stub.Delete,
                 leases_pb2.DeleteRequest(id=lease_id, sync=sync),
                 "delete lease",
-                timeout=None if sync else -1.0,
             )
 
     def leases(self) -> list[str]:

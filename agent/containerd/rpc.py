@@ -30,9 +30,14 @@ _UNAVAILABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_
 # containerd reports a full disk as a wrapped Go error with no status code of
 # its own (it arrives as UNKNOWN, or INTERNAL from some services), so the
 # only thing to go on is the errno's text, which Go spells as strerror does
-# (lower-cased). Matched against the C library's own text for ENOSPC, and
-# only for these codes, never for a call that gave a meaningful code.
-_NO_CODE = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+# (lower-cased). This is the one place an error's text is looked at: there
+# is nothing else to tell a full disk by. Matched against the C library's own
+# text for ENOSPC, and only for these codes. RESOURCE_EXHAUSTED is among them
+# but is not enough by itself: gRPC also uses it for a message over the size
+# limit, which is no disk problem and not worth retrying.
+_NO_CODE = frozenset(
+    {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
 _ENOSPC_TEXT = os.strerror(errno.ENOSPC).lower()
 
 
@@ -60,9 +65,7 @@ def translate(err: grpc.RpcError, what: str, address: str) -> ContainerdError:
         return AlreadyExists(f"{what}: {details}", code=code.name)
     if code is grpc.StatusCode.CANCELLED:
         return ContainerdUnavailable(f"{what}: cancelled", code=code.name)
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED or (
-        code in _NO_CODE and _ENOSPC_TEXT in details.lower()
-    ):
+    if code in _NO_CODE and _ENOSPC_TEXT in details.lower():
         return OutOfSpace(f"{what}: containerd is out of disk space ({details})", code=code.name)
     return ContainerdError(f"{what}: {details}", code=code.name)
 

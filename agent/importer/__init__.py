@@ -102,24 +102,23 @@ class Importer:
         unpacker = self._unpacker()
         lease = self.client.create_lease(labels=self.lease_labels)
         commit = Commit(self.client, self.options, lease, stop=self.stop, unpacker=unpacker)
-        cancelled = False
+        succeeded = False
         try:
             result = self._run(raw, name, size, lease, commit)
+            succeeded = True
         except ArchiveError as err:
             commit.rollback()
             raise err.for_file(name) from None
-        except Cancelled:
-            cancelled = True
-            commit.rollback()
-            raise
         except BaseException:
             commit.rollback()
             raise
         finally:
-            # If containerd is gone, the lease expires by itself. A cancelled
-            # import does not wait for containerd to collect what it wrote.
+            # If containerd is gone, the lease expires by itself. Only a
+            # complete import waits (within the client's deadline) for
+            # containerd to collect; a failed or cancelled one, whose
+            # leftovers may take long to remove, lets it collect them later.
             with contextlib.suppress(ContainerdError):
-                self.client.delete_lease(lease, sync=not cancelled)
+                self.client.delete_lease(lease, sync=succeeded)
         result.not_in_cri = self._wait_for_cri(result)
         result.duration_s = time.monotonic() - started
         return result

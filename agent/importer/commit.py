@@ -32,7 +32,7 @@ from agent.containerd.labels import (
     merge_sources,
 )
 from agent.eager import LayerStore, apply_layer
-from agent.errors import ContainerdError
+from agent.errors import ArchiveError, ContainerdError
 from agent.importer.ingest import check_stop
 from agent.importer.model import ImagePlan, ImportedImage, ImportOptions, Resolution, Selected
 from agent.importer.store import ImportTarget
@@ -55,8 +55,10 @@ class Commit:
         self.lease = lease
         self.stop = stop
         self.unpacker = unpacker
-        self.created: list[str] = []
-        self.moved: list[ImageRecord] = []
+        # (name, our target digest) of records this import created, and
+        # (record as it was, our target digest) of those it moved.
+        self.created: list[tuple[str, str]] = []
+        self.moved: list[tuple[ImageRecord, str]] = []
 
     def run(self, plan: Resolution) -> list[ImportedImage]:
         for digest, body in plan.synthesized.items():
@@ -89,7 +91,7 @@ class Commit:
                 info = self.store.blob_info(digest)
                 have = info.labels if info is not None else {}
                 for key, repos in sources[digest].items():
-                    labels[key] = merge_sources(have.get(key, ""), *repos)
+                    labels[key] = merge_sources(have.get(key, ""), *repos, key=key)
             self.store.label_blob(digest, labels)
 
     # -- unpacking ---------------------------------------------------------------
@@ -138,21 +140,24 @@ class Commit:
         config_digest = image.selected[0].doc.config.digest
         names: list[str] = []
         for name in image.names:
-            names.append(name)
             ref = refs.parse(name)
+            if ref.digest and ref.digest != target.digest:
+                # The CRI resolves a digest reference by its record's name:
+                # writing this one would let the archive pass other content
+                # off as the pinned digest.
+                raise ArchiveError(f"{name} names a digest, but the image is {target.digest}")
+            names.append(name)
             if not ref.digest:
                 names.append(str(ref.with_digest(target.digest)))
         done = []
         for name in dict.fromkeys(names):
             check_stop(self.stop)
-            before = self.store.get_image(name)
-            action = self.store.put_image(
-                name, target.media_type, target.digest, target.size, labels
-            )
-            if before is None and action == "created":
-                self.created.append(name)
-            elif before is not None and before.target.digest != target.digest:
-                self.moved.append(before)
+            put = self.store.put_image(name, target.media_type, target.digest, target.size, labels)
+            action = put.action
+            if put.previous is None:
+                self.created.append((name, target.digest))
+            elif put.previous.target.digest != target.digest:
+                self.moved.append((put.previous, target.digest))
             if "@" not in name or name in image.names:
                 unpacked = self.unpacker is not None
                 done.append(
@@ -163,13 +168,21 @@ class Commit:
     def rollback(self) -> None:
         """Undo the records written: remove those created, move moved tags back.
 
-        Labels the import added to a moved record (its pin) stay; the target
-        is what decides which image the name runs.
+        Only a record that still points at this import's target is touched:
+        one another tool moved or created since is theirs now. Labels the
+        import added to a moved record (its pin) stay; the target is what
+        decides which image the name runs.
         """
-        for name in self.created:
+        for name, ours in self.created:
             with contextlib.suppress(ContainerdError):
-                self.store.delete_image(name)
-        for old in self.moved:
+                if self._still_ours(name, ours):
+                    self.store.delete_image(name)
+        for old, ours in self.moved:
             with contextlib.suppress(ContainerdError):
-                t = old.target
-                self.store.put_image(old.name, t.media_type, t.digest, t.size, old.labels)
+                if self._still_ours(old.name, ours):
+                    t = old.target
+                    self.store.put_image(old.name, t.media_type, t.digest, t.size, old.labels)
+
+    def _still_ours(self, name: str, digest: str) -> bool:
+        current = self.store.get_image(name)
+        return current is not None and current.target.digest == digest

@@ -11,7 +11,7 @@ import threading
 from typing import Protocol, runtime_checkable
 
 from agent.containerd.content import ContentStore
-from agent.containerd.images import ImageRecord
+from agent.containerd.images import ImageRecord, Put
 
 
 class ImportTarget(ContentStore, Protocol):
@@ -27,7 +27,7 @@ class ImportTarget(ContentStore, Protocol):
 
     def put_image(
         self, name: str, media_type: str, digest: str, size: int, labels: dict[str, str]
-    ) -> str: ...
+    ) -> Put: ...
 
     def delete_image(self, name: str) -> None: ...
 

@@ -1,7 +1,8 @@
 """Keep wanted images present and pinned, pulling through the CRI.
 
-A scheduler thread decides what is due (pure helpers in status.py); a bounded pool
-of workers checks (CRI ImageStatus) and pulls (CRI PullImage). Digest
+A scheduler thread decides what is due (pure helpers in status.py); at most
+``concurrency`` worker threads (daemon threads, so exit never waits for a
+pull) check (CRI ImageStatus) and pull (CRI PullImage). Digest
 references are done once present; tag references are pulled again every
 refresh interval so a moved tag is followed. Failures back off: transient
 ones (registry down, timeouts) briefly, permanent ones (not found,
@@ -15,7 +16,6 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 import structlog
@@ -97,14 +97,11 @@ class Puller:
         self.observe = observe
         self.sources: dict[str, tuple[list[Entry], list[Problem]]] = {}
         self.status: dict[str, PullStatus] = {}
-        # The one lock over all of the puller's state (sources, status).
+        # The one lock over all of the puller's state (sources, status). It is
+        # never held across a call to containerd or to ``protected``: pins and
+        # unpins look at the state again after each call instead (see _unpin).
         self._cond = threading.Condition()
-        # Orders pin and unpin calls to containerd (guards no state): a pin
-        # decided while a list wants an image cannot land after the unpin
-        # that follows the list dropping it.
-        self._labels = threading.Lock()
         self._stop = False
-        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="pull")
         self._thread = threading.Thread(target=self._schedule, name="pull-scheduler", daemon=True)
         self._rng = random.Random()
 
@@ -172,12 +169,17 @@ class Puller:
         self._thread.start()
 
     def stop(self) -> None:
+        """Hand out no more work. Pulls under way are not waited for.
+
+        Each pull runs on a daemon thread of its own, so one that takes
+        until its deadline (``timeout_s``) never holds up the process's exit,
+        and that exit ends it (containerd sees the connection go).
+        """
         with self._cond:
             self._stop = True
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def _schedule(self) -> None:
         """Hand due images to the workers, at most ``concurrency`` at a time."""
@@ -191,7 +193,11 @@ class Puller:
                 )
                 for st in due[: max(0, free)]:
                     st.busy = True
-                    self._pool.submit(self._work, st.image, st)
+                    # At most ``concurrency`` at a time (``busy``), daemon
+                    # threads so that interpreter exit never joins a pull.
+                    threading.Thread(
+                        target=self._work, args=(st.image, st), name="pull", daemon=True
+                    ).start()
                 later = [
                     st.due for st in self.status.values() if not st.busy and now < st.due < math.inf
                 ]
@@ -200,7 +206,7 @@ class Puller:
                 self._cond.wait(timeout)
 
     def _work(self, ref: str, st: PullStatus) -> None:
-        """One check-and-pull of ``ref`` on a pool thread; never lets an exception escape.
+        """One check-and-pull of ``ref`` on a worker thread; never lets an exception escape.
 
         ``st`` is the status the scheduler handed out. If a list dropped the
         image meanwhile (or dropped and added it again, which makes a new
@@ -211,7 +217,7 @@ class Puller:
             outcome, image_id = self._ensure(ref, st)
         except AgentError as err:
             self._failed(ref, st, classify(err))
-        except Exception as err:  # a bug: must not vanish into the pool's Future
+        except Exception as err:  # a bug: must not vanish with the thread
             self.log.exception("pull.crashed", image=ref, error=f"{type(err).__name__}: {err}")
             self._failed(ref, st, Failure(False, f"internal error: {type(err).__name__}: {err}"))
         else:
@@ -315,26 +321,47 @@ class Puller:
         return str(PullState.PULLED), image_id
 
     def _pin(self, ref: str, st: PullStatus | None) -> None:
-        """Pin ``ref``; with ``st``, only if it is still the wanted status (decided and done
-        under the label lock, so an unpin for a list that dropped it cannot come first)."""
-        with self._labels:
-            if st is not None:
-                with self._cond:
-                    if self.status.get(ref) is not st:
-                        self.log.info("pull.dropped", image=ref)
-                        return
-            self.client.label_image(ref, {PINNED_LABEL: PINNED_VALUE})
+        """Pin ``ref``; with ``st``, only while it is still the wanted status.
+
+        No lock is held across the label call: a list may drop the image
+        while it is in flight. Looking again after the call settles that: if
+        the status was dropped meanwhile, the unpin that followed the drop may
+        have landed first, so it is done again.
+        """
+        if st is not None and not self._current(ref, st):
+            self.log.info("pull.dropped", image=ref)
+            return
+        self.client.label_image(ref, {PINNED_LABEL: PINNED_VALUE})
+        if st is not None and not self._current(ref, st):
+            self.log.info("pull.dropped", image=ref)
+            self._unpin(ref)
+
+    def _current(self, ref: str, st: PullStatus) -> bool:
+        with self._cond:
+            return self.status.get(ref) is st
+
+    def _wanted(self, ref: str) -> bool:
+        """A list wants ``ref``, or an archive holds it (``protected``, called unlocked)."""
+        with self._cond:
+            if ref in self.status:
+                return True
+        return ref in self.protected()
 
     def _unpin(self, ref: str) -> None:
-        """No list wants ``ref`` any more: let kubelet GC have it (unless an archive holds it)."""
-        with self._labels:
-            with self._cond:
-                if ref in self.status:
-                    return  # wanted again meanwhile
-            if ref in self.protected():
-                return
-            try:
+        """No list wants ``ref`` any more: let kubelet GC have it (unless an archive holds it).
+
+        Runs on the caller's thread (the daemon's loop for set_source) with no
+        lock held across containerd calls. A pin for the image wanted again
+        may race the unpin; looking again after each call settles it, each
+        call answering a change of what is wanted, so the last word is right.
+        """
+        try:
+            while not self._wanted(ref):
                 self.client.unlabel_image(ref, PINNED_LABEL)
-                self.log.info("image.unpinned", image=ref)
-            except AgentError as err:
-                self.log.warning("image.unpin_failed", image=ref, error=str(err))
+                if not self._wanted(ref):
+                    self.log.info("image.unpinned", image=ref)
+                    return
+                # Wanted again meanwhile: a pin may have landed before the unpin.
+                self.client.label_image(ref, {PINNED_LABEL: PINNED_VALUE})
+        except AgentError as err:
+            self.log.warning("image.unpin_failed", image=ref, error=str(err))
