@@ -253,3 +253,21 @@ def test_failed_tls_handshakes_give_their_connection_slots_back(cluster, tmp_pat
     wait_for(c._up, 30, "HTTPS /healthz to answer again")
     assert all(c._up() for _ in range(30))  # more connections than the cap: slots are reused
     assert b"Traceback" not in c.log.read_bytes()
+
+
+@pytest.mark.containerd
+def test_agent_takes_a_list_over_a_megabyte(cluster, daemon, tmp_path: Path) -> None:
+    """The agent applies and caches a cluster list of more than 1 MB whole (it was cut at one chunk)."""
+    long_path = "p" * 200
+    images = [f"127.0.0.1:1/{long_path}/image-{i:04d}:1" for i in range(5_000)]
+    lst = tmp_path / "long.txt"
+    lst.write_text("".join(f"{i}\n" for i in images))
+    c = cluster("--source-list", str(lst))
+    assert len(c.get("/v1/images", {"Accept": "application/json"})[2]) > 1 << 20
+    a = daemon("--cluster-url", c.url, "--node-name", "n1", "--pull-concurrency", "1")
+    a.start()
+    wait_for(lambda: a.named("cluster.list"), 60, "the list")
+    assert [int(e["images"]) for e in a.named("cluster.list")] == [len(images)]
+    cached = json.loads((a.state / "cluster-list.json").read_text())
+    assert cached["images"] == images
+    assert not a.named("cluster.unreachable")
