@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import ROOT, wait_for
 from tests.test_cluster import ClusterProcess, FixtureServer
@@ -271,3 +273,21 @@ def test_agent_takes_a_list_over_a_megabyte(cluster, daemon, tmp_path: Path) -> 
     cached = json.loads((a.state / "cluster-list.json").read_text())
     assert cached["images"] == images
     assert not a.named("cluster.unreachable")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    user=st.text(min_size=1, max_size=12),
+    password=st.text(alphabet=st.characters(blacklist_characters="/?#@"), min_size=8, max_size=16),
+    rest=st.text(max_size=40),
+)
+def test_redaction_of_arbitrary_urls(user: str, password: str, rest: str) -> None:
+    """Whatever follows the credentials (unparseable hosts included), redact and scrub never raise nor show the password."""
+    from agent.cluster.fetch import redact, scrub
+
+    user = "".join(ch for ch in user if ch not in "/?#@") or "u"
+    password = "P" + password + "wwww"
+    url = f"https://{user}:{password}@{rest}"
+    shown = scrub(f"GET {url}: failed", url)
+    assert password not in redact(url) or password in rest
+    assert password not in shown or password in rest

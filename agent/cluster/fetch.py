@@ -60,7 +60,7 @@ SECRET_PARAMS = frozenset(
     }
 )
 _SECRET_SUFFIXES = ("token", "secret", "password", "signature")
-_URL = re.compile(r"(?i)\bhttps?://[^\s'\"<>]+")
+_URL = re.compile(r"(?i)\bhttps?://[^\s<>]+")
 _USERINFO = re.compile(r"^([A-Za-z]+://)[^/?#]*@")
 _PARAM = re.compile(r"([?&;])([^=&;#]+)=([^&;#]*)")
 
@@ -78,7 +78,10 @@ def _redact_url(url: str) -> str:
 def redact(text: str) -> str:
     """Credentials out of every http(s) URL in ``text``: ``https://user:pass@host/x?token=t``
     -> ``https://***@host/x?token=***``. Pure text work: never raises, even on URLs that
-    do not parse; other text unchanged."""
+    do not parse; other text unchanged. A ``text`` that begins with a scheme is one URL
+    (a source's own, whose user name may hold any character)."""
+    if text[:8].lower().startswith(("http://", "https://")):
+        text = _redact_url(text)
     return _URL.sub(lambda m: _redact_url(m[0]), text)
 
 

@@ -6,7 +6,9 @@ change, paced by its own cost) and served as ready bytes. Hostile or
 broken clients cannot take the server down:
 
 - connections are capped (below the file limit); at the cap, the oldest
-  connection that is not in a request is closed to make room;
+  connection that is not in a request is closed to make room, and TLS
+  connections whose handshake failed (asyncio never tells their protocol)
+  are let go once the handshake timeout has passed;
 - a connection must send its request headers within ``header_timeout``
   (half-sent requests are closed), and a body within ``body_timeout``;
 - at most ``max_long_polls`` requests wait at once; more are answered now;
