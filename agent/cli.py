@@ -855,9 +855,13 @@ def cmd_cluster(args: argparse.Namespace, stop: threading.Event) -> int:
 
 
 def _node_secret(path: str) -> bytes:
-    from agent.cluster.tokens import MIN_SECRET_BYTES
+    from agent.cluster.tokens import MIN_SECRET_BYTES, is_placeholder
 
     secret = _read_token(path, "node secret").encode()
+    if is_placeholder(secret):
+        raise UsageError(
+            f"node secret file {path}: still the example value; generate one (openssl rand -hex 32)"
+        )
     if secret and len(secret) < MIN_SECRET_BYTES:
         raise UsageError(f"node secret file {path}: want at least {MIN_SECRET_BYTES} bytes")
     return secret
@@ -883,7 +887,7 @@ def cmd_cluster_serve(args: argparse.Namespace, stop: threading.Event) -> int:
     from agent.cluster.fetch import Sources, parse_source
     from agent.cluster.http import Options, serve
     from agent.cluster.state import State
-    from agent.cluster.tokens import Credentials
+    from agent.cluster.tokens import Credentials, is_placeholder
 
     cfg = config.resolve(config.ClusterServeConfig, args)
     lcfg = config.resolve(config.LogConfig, args)
@@ -912,9 +916,13 @@ def cmd_cluster_serve(args: argparse.Namespace, stop: threading.Event) -> int:
     ids = [s.id for s in srcs]
     if len(set(ids)) != len(ids):
         raise UsageError("a source is given twice")
-    credentials = Credentials(
-        shared=_read_token(cfg.token_file), node_secret=_node_secret(cfg.node_secret_file)
-    )
+    shared = _read_token(cfg.token_file)
+    if is_placeholder(shared):
+        raise UsageError(
+            f"token file {cfg.token_file}: still the example value; generate one "
+            "(openssl rand -hex 32)"
+        )
+    credentials = Credentials(shared=shared, node_secret=_node_secret(cfg.node_secret_file))
     options = Options(
         listen=cfg.listen,
         credentials=credentials,

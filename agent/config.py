@@ -17,10 +17,17 @@ from typing import Any, TypeVar
 from agent.errors import UsageError
 
 
-def setting(default: Any, *, flag: str, env: str, help: str, unit: str = "") -> Any:
-    """A config field: its default, command-line flag, environment variable and unit."""
+def setting(
+    default: Any, *, flag: str, env: str, help: str, unit: str = "", lines: bool = False
+) -> Any:
+    """A config field: its default, command-line flag, environment variable and unit.
+
+    ``lines``: a repeatable setting whose items may hold commas themselves; its
+    variable is split at newlines only.
+    """
     return dataclasses.field(
-        default=default, metadata={"flag": flag, "env": env, "help": help, "unit": unit}
+        default=default,
+        metadata={"flag": flag, "env": env, "help": help, "unit": unit, "lines": lines},
     )
 
 
@@ -194,31 +201,36 @@ class ClusterServeConfig:
         (),
         flag="--source-images",
         env="IMAGE_AGENT_CLUSTER_SOURCE_IMAGES",
-        help="Image Puller IMAGES string, or @FILE",
+        lines=True,
+        help="Image Puller IMAGES string, or @FILE (repeatable; env: one a line)",
     )
     source_cr: tuple[str, ...] = setting(
         (),
         flag="--source-cr",
         env="IMAGE_AGENT_CLUSTER_SOURCE_CR",
-        help="KubernetesImagePuller resource, a YAML file",
+        lines=True,
+        help="KubernetesImagePuller resource, a YAML file (repeatable; env: one a line)",
     )
     source_list: tuple[str, ...] = setting(
         (),
         flag="--source-list",
         env="IMAGE_AGENT_CLUSTER_SOURCE_LIST",
-        help="list file or URL (one image a line, external_images.txt)",
+        lines=True,
+        help="list file or URL, one image a line (repeatable; env: one a line)",
     )
     source_che: tuple[str, ...] = setting(
         (),
         flag="--source-che",
         env="IMAGE_AGENT_CLUSTER_SOURCE_CHE",
-        help="Che base URL (dashboard editors and air-gap samples)",
+        lines=True,
+        help="Che base URL (dashboard editors and air-gap samples) (repeatable; env: one a line)",
     )
     source_env: tuple[str, ...] = setting(
         (),
         flag="--source-env",
         env="IMAGE_AGENT_CLUSTER_SOURCE_ENV",
-        help="file of RELATED_IMAGE_* variables",
+        lines=True,
+        help="file of RELATED_IMAGE_* variables (repeatable; env: one a line)",
     )
     source_interval_s: float = setting(
         60.0,
@@ -390,7 +402,7 @@ def resolve(cls: type[C], args: argparse.Namespace, env: Mapping[str, str] = os.
         if raw is None or raw == "":
             continue
         try:
-            values[f.name] = _convert(raw, kind, f.metadata["unit"])
+            values[f.name] = _convert(raw, kind, f.metadata["unit"], f.metadata.get("lines", False))
         except ValueError:
             where = f"{f.metadata['flag']} / {f.metadata['env']}"
             raise UsageError(f"{where}: {raw!r} is not a valid {kind.__name__}") from None
@@ -413,11 +425,13 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * _DURATION_UNITS[u] for n, u in parts)
 
 
-def _convert(raw: Any, kind: type[Any], unit: str) -> Any:
+def _convert(raw: Any, kind: type[Any], unit: str, lines: bool = False) -> Any:
     if kind is tuple:
-        # Environment values: one item a line, or comma-separated on one line.
+        # Environment values: one item a line, or comma-separated on one line
+        # (one a line only for ``lines`` settings, whose items hold commas).
         text = str(raw)
-        items = raw if isinstance(raw, list) else text.split("\n" if "\n" in text else ",")
+        split = "\n" if lines or "\n" in text else ","
+        items = raw if isinstance(raw, list) else text.split(split)
         return tuple(i.strip() for i in items if i.strip())
     if kind is bool:
         if str(raw).lower() in ("1", "true", "yes", "on"):

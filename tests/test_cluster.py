@@ -28,7 +28,8 @@ pytestmark = pytest.mark.containerd
 class FixtureServer:
     """Serves Che-shaped JSON/YAML (and lists) from a dict; paths can be made to fail."""
 
-    def __init__(self, files: dict[str, bytes], basic_auth: str = "") -> None:
+    def __init__(self, files: dict[str, bytes], basic_auth: str = "", trickle: int = 0) -> None:
+        """``trickle``: send bodies in pieces of this many bytes, paced, as a slow link would."""
         self.files = files
         self.failing: set[str] = set()
         outer = self
@@ -48,7 +49,12 @@ class FixtureServer:
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                step = trickle or len(body) or 1
+                for at in range(0, len(body), step):
+                    self.wfile.write(body[at : at + step])
+                    self.wfile.flush()
+                    if trickle:
+                        time.sleep(0.002)  # pacing, as a slow link would
 
             def log_message(self, *args: object) -> None:
                 pass

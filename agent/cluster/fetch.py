@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import structlog
 
 from agent.cluster import sources
 from agent.cluster.assemble import Contribution
+from agent.cluster.bodies import BodyTooLarge, read_whole
 from agent.cluster.state import Labels, State, parse_selector
 
 URL_TIMEOUT_S = 10.0
@@ -29,24 +31,79 @@ MAX_DOCUMENT_BYTES = sources.MAX_DOCUMENT_BYTES
 KINDS = ("images", "cr", "list", "che", "env")
 
 
-def redact(url: str) -> str:
-    """``https://user:pass@host/x`` -> ``https://***@host/x``; other text unchanged."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:
-        return url
-    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc="***@" + host))
+# Query parameters whose values are credentials (GitLab private_token, OAuth
+# access_token, signed URLs' sig/signature, ...); names compared in lower case.
+SECRET_PARAMS = frozenset(
+    {
+        "token",
+        "private_token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "auth",
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "secret",
+        "client_secret",
+        "key",
+        "api_key",
+        "apikey",
+        "sig",
+        "signature",
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+    }
+)
+_SECRET_SUFFIXES = ("token", "secret", "password", "signature")
+_URL = re.compile(r"(?i)\bhttps?://[^\s<>]+")
+_USERINFO = re.compile(r"^([A-Za-z]+://)[^/?#]*@")
+_PARAM = re.compile(r"([?&;])([^=&;#]+)=([^&;#]*)")
+
+
+def _secret_param(name: str) -> bool:
+    name = urllib.parse.unquote(name).strip().lower()
+    return name in SECRET_PARAMS or name.endswith(_SECRET_SUFFIXES)
+
+
+def _redact_url(url: str) -> str:
+    url = _USERINFO.sub(r"\1***@", url)
+    return _PARAM.sub(lambda m: f"{m[1]}{m[2]}=***" if m[3] and _secret_param(m[2]) else m[0], url)
+
+
+def redact(text: str) -> str:
+    """Credentials out of every http(s) URL in ``text``: ``https://user:pass@host/x?token=t``
+    -> ``https://***@host/x?token=***``. Pure text work: never raises, even on URLs that
+    do not parse; other text unchanged. A ``text`` that begins with a scheme is one URL
+    (a source's own, whose user name may hold any character)."""
+    if text[:8].lower().startswith(("http://", "https://")):
+        text = _redact_url(text)
+    return _URL.sub(lambda m: _redact_url(m[0]), text)
+
+
+def _secrets(url: str) -> list[str]:
+    """The credentials in ``url`` as they may show up on their own in an error text."""
+    found: list[str] = []
+    match = _USERINFO.match(url)
+    if match:
+        userinfo = match[0][len(match[1]) : -1]
+        found += [userinfo, userinfo.partition(":")[2]]
+    found += [m[3] for m in _PARAM.finditer(url) if _secret_param(m[2])]
+    found += [urllib.parse.unquote(s) for s in found]
+    # Short values would blank out ordinary words; their URLs are redacted whole anyway.
+    return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
 
 
 def scrub(text: str, url: str) -> str:
-    """``text`` with the credentials of ``url`` (if any) removed."""
-    parts = urllib.parse.urlsplit(url)
-    userinfo = parts.netloc.rpartition("@")[0] if "@" in parts.netloc else ""
-    text = text.replace(url, redact(url))
-    return text.replace(userinfo, "***") if userinfo else text
+    """``text`` with the credentials of ``url`` (and of any URL in it) removed; never raises."""
+    text = redact(text)
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
 
 
 @dataclass
@@ -95,9 +152,18 @@ def parse_source(kind: str, text: str, number: int = 0) -> Source:
     value, _, extra = text.partition(";node-selector=")
     if not value.strip():
         raise ValueError(f"--source-{kind} {text!r}: empty")
+    value = value.strip()
     if kind == "che" and not value.startswith(("http://", "https://")):
         raise ValueError(f"--source-che {redact(value)!r}: want an http(s) URL")
-    return Source(kind, value.strip(), parse_selector(extra) if extra else (), number)
+    if value.startswith(("http://", "https://")):
+        try:
+            parts = urllib.parse.urlsplit(value)
+            valid = bool(parts.hostname) and (parts.port or 0) >= 0
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(f"--source-{kind} {redact(value)!r}: not a valid URL")
+    return Source(kind, value, parse_selector(extra) if extra else (), number)
 
 
 class Fetcher:
@@ -114,18 +180,10 @@ class Fetcher:
                 async with self.session.get(url, allow_redirects=True) as resp:
                     if resp.status != 200:
                         raise sources.SourceError(f"{shown}: HTTP {resp.status}")
-                    if (resp.content_length or 0) > MAX_DOCUMENT_BYTES:
-                        raise sources.SourceError(
-                            f"{shown}: larger than {MAX_DOCUMENT_BYTES} bytes"
-                        )
-                    body = await resp.content.read(MAX_DOCUMENT_BYTES + 1)
-                    if len(body) > MAX_DOCUMENT_BYTES:
-                        raise sources.SourceError(
-                            f"{shown}: larger than {MAX_DOCUMENT_BYTES} bytes"
-                        )
-                    if not resp.content.at_eof():
-                        await resp.content.read()  # raises on a short body
+                    body = await read_whole(resp, MAX_DOCUMENT_BYTES)
                     return body.decode("utf-8", errors="replace")
+        except BodyTooLarge:
+            raise sources.SourceError(f"{shown}: larger than {MAX_DOCUMENT_BYTES} bytes") from None
         except TimeoutError:
             raise sources.SourceError(f"{shown}: no answer within {self.timeout:g}s") from None
         except aiohttp.ClientPayloadError:

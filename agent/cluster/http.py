@@ -6,7 +6,9 @@ change, paced by its own cost) and served as ready bytes. Hostile or
 broken clients cannot take the server down:
 
 - connections are capped (below the file limit); at the cap, the oldest
-  connection that is not in a request is closed to make room;
+  connection that is not in a request is closed to make room, and TLS
+  connections whose handshake failed (asyncio never tells their protocol)
+  are let go once the handshake timeout has passed;
 - a connection must send its request headers within ``header_timeout``
   (half-sent requests are closed), and a body within ``body_timeout``;
 - at most ``max_long_polls`` requests wait at once; more are answered now;
@@ -54,6 +56,7 @@ VIEW_REFRESH_S = 30.0
 LOG_EVERY_S = 10.0
 BACKLOG = 1024
 FD_RESERVE = 128  # files the process needs besides client connections
+HANDSHAKE_MARGIN_S = 2.0  # after the handshake timeout, before an unmade connection is let go
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class _Tracked(asyncio.Protocol):
         self.inner = inner
         self.owner = owner
         self.transport: asyncio.Transport | None = None
+        self.accepted = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -149,16 +153,39 @@ class ConnectionLimit:
     request, the new one is refused.
     """
 
-    def __init__(self, server: web.Server, limit: int, busy: set[object], log: Log) -> None:
+    def __init__(
+        self,
+        server: web.Server,
+        limit: int,
+        busy: set[object],
+        log: Log,
+        unmade_after: float = math.inf,
+    ) -> None:
         self.server = server
         self.limit = limit
         self.busy = busy
+        # A TLS connection whose handshake fails is closed by asyncio without a
+        # word to its protocol (neither connection_made nor connection_lost):
+        # one still not made this long after its accept (the handshake timeout
+        # and a margin) is gone, and its place is free.
+        self.unmade_after = unmade_after
         self.live: dict[_Tracked, None] = {}  # in order of acceptance
         self.evicted: set[_Tracked] = set()
         self.log_evicted = Throttled(log, "connections.evicted")
         self.log_refused = Throttled(log, "connections.refused")
+        self.log_unmade = Throttled(log, "connections.handshake_failed")
+
+    def forget_unmade(self) -> int:
+        """Drop connections never made within ``unmade_after`` (failed handshakes); how many."""
+        deadline = time.monotonic() - self.unmade_after
+        gone = [c for c in self.live if c.transport is None and c.accepted < deadline]
+        for conn in gone:
+            del self.live[conn]
+        return len(gone)
 
     def __call__(self) -> asyncio.BaseProtocol:
+        if len(self.live) - len(self.evicted) >= self.limit and self.forget_unmade():
+            self.log_unmade(limit=self.limit)
         if len(self.live) - len(self.evicted) >= self.limit:
             for conn in self.live:
                 if conn.transport is None:
@@ -519,7 +546,13 @@ async def serve(
         if options.tls:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(*options.tls)
-        factory = ConnectionLimit(runner.server, limit, server.busy, log)
+        factory = ConnectionLimit(
+            runner.server,
+            limit,
+            server.busy,
+            log,
+            unmade_after=options.header_timeout + HANDSHAKE_MARGIN_S if context else math.inf,
+        )
         listener = await loop.create_server(
             factory,
             host.strip("[]") or "0.0.0.0",

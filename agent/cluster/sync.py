@@ -13,7 +13,9 @@ reused) and two tasks:
   ``report_interval``.
 
 Neither task ends on an error: each failure is logged once (until the next
-success) and retried with backoff.
+success) and retried with backoff, the poller never sooner than
+``min_interval`` and the reporter never sooner than ``CHECK_S`` after the
+failed request began.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from multidict import CIMultiDict
 
 from agent import lists
 from agent.cluster import schema
+from agent.cluster.bodies import BodyTooLarge, read_whole
 from agent.daemon.state import write_atomic
 from agent.errors import AgentError
 from agent.pull.engine import Puller
@@ -99,14 +102,10 @@ class ClusterClient:
                 async with self._session.request(
                     method, self.url + path, data=body, headers=all_headers
                 ) as resp:
-                    if (resp.content_length or 0) > limit:
-                        raise ClusterError(f"{self.url}{path}: answer larger than {limit} bytes")
-                    data = await resp.content.read(limit + 1)
-                    if len(data) > limit:
-                        raise ClusterError(f"{self.url}{path}: answer larger than {limit} bytes")
-                    if not resp.content.at_eof():
-                        await resp.content.read()
+                    data = await read_whole(resp, limit)
                     return resp.status, CIMultiDict(resp.headers), data
+        except BodyTooLarge:
+            raise ClusterError(f"{self.url}{path}: answer larger than {limit} bytes") from None
         except TimeoutError:
             raise ClusterError(f"{self.url}{path}: no answer in time") from None
         except aiohttp.ClientPayloadError:
@@ -257,8 +256,12 @@ class ClusterSync:
         self._started.set()
         async with self.client:
             tasks = [
-                asyncio.create_task(self._forever("cluster.unreachable", self._poll_once)),
-                asyncio.create_task(self._forever("cluster.report_failed", self._report_once)),
+                asyncio.create_task(
+                    self._forever("cluster.unreachable", self._poll_once, self.min_interval)
+                ),
+                asyncio.create_task(
+                    self._forever("cluster.report_failed", self._report_once, CHECK_S)
+                ),
             ]
             await self._stop.wait()
             for t in tasks:
@@ -274,15 +277,18 @@ class ClusterSync:
             except TimeoutError:
                 pass
 
-    async def _forever(self, event: str, once: Callable[[], Any]) -> None:
+    async def _forever(self, event: str, once: Callable[[], Any], min_gap: float = 0.0) -> None:
         """Run ``once`` until stopped; it returns the seconds to wait before the next round.
 
         An error is logged once as ``event`` (until a round works again) and
-        retried with backoff.
+        retried with backoff, never sooner than ``min_gap`` after the failed
+        round began: a server that answers errors at once (a restart) is not
+        asked more often than one that answers lists.
         """
         assert self._stop is not None
         backoff, failing = 1.0, ""
         while not self._stop.is_set():
+            started = time.monotonic()
             try:
                 delay = await once()
                 if failing:
@@ -297,7 +303,7 @@ class ClusterSync:
                     name = event if isinstance(err, ClusterError) else "cluster.sync_failed"
                     self.log.warning(name, url=self.client.url, error=why[:300], task=event)
                 failing = why
-                delay = backoff
+                delay = max(backoff, min_gap - (time.monotonic() - started))
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
             await self._sleep(delay)
 

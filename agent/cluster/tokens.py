@@ -18,6 +18,14 @@ import hmac
 from dataclasses import dataclass
 
 MIN_SECRET_BYTES = 16
+# The values deploy/cluster.yaml ships in place of real secrets all begin so;
+# the server refuses them rather than run with a secret everyone knows.
+PLACEHOLDER_PREFIX = "change-me"
+
+
+def is_placeholder(value: str | bytes) -> bool:
+    text = value.decode(errors="replace") if isinstance(value, bytes) else value
+    return text.strip().lower().startswith(PLACEHOLDER_PREFIX)
 
 
 def node_token(secret: bytes, node: str) -> str:
