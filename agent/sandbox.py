@@ -19,9 +19,10 @@ from types import TracebackType
 from agent.containerd.client import Containerd
 from agent.errors import AgentError, ContainerdUnavailable
 
-# containerd 1.6 and 1.7 read version 2 configs.
-_CONFIG_V2 = """\
-version = 2
+# What every release's config has: its own root, state and sockets, no
+# metrics, and NRI off so that private instances do not share its socket.
+_COMMON = """\
+version = {version}
 root = "{base}/root"
 state = "{base}/state"
 oom_score = 0
@@ -43,7 +44,10 @@ oom_score = 0
 
 [plugins."io.containerd.nri.v1.nri"]
   disable = true
+"""
 
+# The CRI plugin in version 2 configs, which 1.6 and 1.7 read.
+_CRI_V2 = """
 [plugins."io.containerd.grpc.v1.cri"]
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
@@ -57,33 +61,9 @@ oom_score = 0
     config_path = "{base}/certs.d"
 """
 
-# containerd 2.x's native format: the CRI plugin is split into images,
-# runtime and the gRPC server. NRI is off so that private instances do not
-# share its socket.
-_CONFIG_V3 = """\
-version = 3
-root = "{base}/root"
-state = "{base}/state"
-oom_score = 0
-
-[grpc]
-  address = "{base}/containerd.sock"
-
-[ttrpc]
-  address = "{base}/containerd.sock.ttrpc"
-
-[debug]
-  level = "{log_level}"
-
-[metrics]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = "{base}/opt"
-
-[plugins."io.containerd.nri.v1.nri"]
-  disable = true
-
+# containerd 2.x's native version 3: the CRI plugin is split into images,
+# runtime and the gRPC server.
+_CRI_V3 = """
 [plugins."io.containerd.cri.v1.images"]
   snapshotter = "{snapshotter}"
   [plugins."io.containerd.cri.v1.images".registry]
@@ -183,9 +163,14 @@ class PrivateContainerd:
         for sub in ("root", "state", "opt", "cni/bin", "cni/conf", "certs.d"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         config = self.base / "config.toml"
-        template = _CONFIG_V3 if self.release.major >= 2 else _CONFIG_V2
+        version, cri = (3, _CRI_V3) if self.release.major >= 2 else (2, _CRI_V2)
         config.write_text(
-            template.format(base=self.base, snapshotter=self.snapshotter, log_level=self.log_level)
+            (_COMMON + cri).format(
+                version=version,
+                base=self.base,
+                snapshotter=self.snapshotter,
+                log_level=self.log_level,
+            )
         )
         sock = Path(self.address)
         if sock.exists():
