@@ -426,6 +426,9 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
 
     _apply_limits(args)
     dcfg = config.resolve(config.DaemonConfig, args)
+    if not dcfg.settle_s > 0:
+        # 0 would import (or look again) at once, in a loop, while a copy holds the file open.
+        raise UsageError(f"--settle must be more than 0 s (got {dcfg.settle_s:g})")
     lcfg = config.resolve(config.LogConfig, args)
     logs.configure(lcfg.level, stream=sys.stdout)
     log = logs.get()

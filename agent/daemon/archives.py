@@ -22,6 +22,7 @@ from typing import Protocol
 import structlog
 
 from agent.daemon import files, plan, reconcile
+from agent.daemon.beat import Heartbeat
 from agent.daemon.metrics import Metrics
 from agent.daemon.state import Record, State, StateError
 from agent.errors import AgentError, ArchiveError, Cancelled, ContainerdUnavailable
@@ -31,6 +32,11 @@ from agent.platforms import Platform
 IDLE_WAKE_S = 10.0
 FLUSH_S = 1.0  # records that only track a copy in progress are written at most this often
 STATE_RETRY_S = 2.0  # an unwritable state directory is tried again this often
+# The images directory is walked again this often: events lost to an inotify
+# queue overflow (or a watcher that died) are found within this time.
+RESCAN_S = 300.0
+UNREADABLE_RETRY_S = 5.0  # first retry of an archive that cannot be read; doubles up to the cap
+UNREADABLE_RETRY_CAP_S = 600.0
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,7 @@ class ArchivesDuty:
         imported: ImportedImages | None = None,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.s = settings
         self.importer = importer
@@ -104,6 +111,7 @@ class ArchivesDuty:
         self.imported = imported or ImportedImages()
         self.monotonic = monotonic
         self.wall = wall
+        self.heartbeat = heartbeat or Heartbeat(monotonic)
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
         # Set by the health duty when its probe sees containerd come back.
         self.containerd_back = threading.Event()
@@ -117,6 +125,8 @@ class ArchivesDuty:
         self.changed_at: dict[str, float] = {}
         self.not_before: dict[str, float] = {}
         self.outage_attempts = 0
+        self.unreadable: dict[str, int] = {}  # reads that failed in a row, by path
+        self._rescan_at = 0.0
         self._dirty: set[str] = set()
         self._deleted: set[str] = set()
         self._flush_at = 0.0
@@ -127,9 +137,12 @@ class ArchivesDuty:
     # -- the loop ---------------------------------------------------------------------
 
     def run(self, stop: threading.Event) -> None:
+        self.heartbeat.beat(busy=True)  # the first scan and reconcile may take a while
         self.start_up()
         while not stop.is_set():
+            self.heartbeat.beat()
             wait = self.step(stop)
+            self.heartbeat.beat()
             if wait > 0:
                 self._wait(stop, wait)
         self.flush(force=True)
@@ -158,10 +171,7 @@ class ArchivesDuty:
             # Imports are idempotent: forgetting costs re-imports, never a wrong image.
             self.log.error("state.unreadable", error=str(err))
             self._state_failed(err)
-        for path in list(self.records):
-            if files.stat(Path(path)) is None:
-                self._observe(Path(path))
-        self._scan(self.s.images_dir)
+        self._rescan()
         self.containerd_back.clear()
         self._reconcile()
         self.flush(force=True)
@@ -177,6 +187,8 @@ class ArchivesDuty:
         for path in self.store.take_requests():
             self._retry(path)
         now = self.monotonic()
+        if now >= self._rescan_at:
+            self._rescan()
         nxt = plan.next_import(self.records, self.changed_at, self.not_before, now, self.s.settle_s)
         if nxt.path is not None and not stop.is_set():
             self._import(nxt.path)
@@ -185,7 +197,7 @@ class ArchivesDuty:
             return 0.0
         self.flush()
         self._publish()
-        wakes = [IDLE_WAKE_S]
+        wakes = [IDLE_WAKE_S, self._rescan_at - now]
         if nxt.wake_at is not None:
             wakes.append(nxt.wake_at - now)
         if self._dirty or self._deleted:
@@ -209,6 +221,14 @@ class ArchivesDuty:
                 self._scan(p)
             else:
                 self._observe(p, event=True)
+
+    def _rescan(self) -> None:
+        """Look at every known path and walk the directory (start-up, then every RESCAN_S)."""
+        for path in list(self.records):
+            if files.stat(Path(path)) is None:
+                self._observe(Path(path))
+        self._scan(self.s.images_dir)
+        self._rescan_at = self.monotonic() + RESCAN_S
 
     def _scan(self, root: Path) -> None:
         for dirpath, dirnames, filenames in os.walk(root):
@@ -249,6 +269,7 @@ class ArchivesDuty:
         ):
             self.changed_at[key] = self.monotonic()
             self.not_before.pop(key, None)
+            self.unreadable.pop(key, None)
             if before is None or before.state is not State.PENDING:
                 self.log.info("archive.pending", file=key, reason=after.reason, bytes=after.size)
         elif after.state is State.SKIPPED and (before is None or before.state is not State.SKIPPED):
@@ -281,6 +302,7 @@ class ArchivesDuty:
 
     def _forget(self, path: str) -> None:
         self.records.pop(path, None)
+        self.unreadable.pop(path, None)
         self.changed_at.pop(path, None)
         self.not_before.pop(path, None)
         self._dirty.discard(path)
@@ -346,17 +368,19 @@ class ArchivesDuty:
         if files.open_for_writing(p):
             self.changed_at[path] = self.monotonic()  # still being copied
             return
+        # Our own leftover leases (kill -9 mid-import) hold content: they go
+        # before the space check, or it would wait for space they take.
+        self._cleanup_leases()
         short = self._space_short(rec)
         if short is not None:
-            self._wait_for_space(rec, short)
+            self._wait_for_space(rec, *short)
             return
-        self._cleanup_leases()
         try:
             fingerprint = files.fingerprint(p)
         except OSError as err:
-            self._observe(p)
-            self.log.warning("archive.unreadable", file=path, error=str(err))
+            self._unreadable(rec, err)
             return
+        self.unreadable.pop(path, None)
         rec = replace(
             rec,
             state=State.IMPORTING,
@@ -371,6 +395,7 @@ class ArchivesDuty:
         self.flush(force=True)  # found "importing" at the next start: interrupted
         self.log.info("import.started", file=path, bytes=rec.size, attempt=rec.attempts)
         failure: plan.Failure
+        self.heartbeat.beat(busy=True)  # importer progress reports count as signs of life
         try:
             result = self.importer.import_file(path)
         except ArchiveError as err:
@@ -435,11 +460,12 @@ class ArchivesDuty:
         path = rec.path
         short = None
         if failure not in (plan.Failure.CANCELLED, plan.Failure.UNAVAILABLE):
-            short = self._space_short(rec)
+            space = self._space_short(rec)
+            short = None if space is None else space[0]
         out = plan.after_failure(rec, failure, message, short, self.outage_attempts, self.wall())
         self._set(replace(out.record, interrupted=0))
         if out.counts_as_outage:
-            self.outage_attempts += 1
+            self.outage_attempts = min(self.outage_attempts + 1, plan.MAX_COUNT)
             self._leases_checked = False  # its lease may have outlived it
         if out.retry_in_s is not None:
             self.not_before[path] = self.monotonic() + out.retry_in_s
@@ -452,8 +478,12 @@ class ArchivesDuty:
             self.log.warning("import.deferred", file=path, error=message, retry_in_s=out.retry_in_s)
         self.flush(force=True)
 
-    def _space_short(self, rec: Record) -> str | None:
-        """Why containerd's disk cannot take this archive now; None if it can."""
+    def _space_short(self, rec: Record) -> tuple[str, int] | None:
+        """Why containerd's disk cannot take this archive now, and the MiB free; None if it can.
+
+        The reason names only what holds still (the need, the place), so a
+        free figure that moves every few seconds rewrites nothing.
+        """
         try:
             need, _exact = files.uncompressed_size(Path(rec.path))
             st = os.statvfs(self.s.containerd_root if self.s.containerd_root.exists() else "/")
@@ -463,17 +493,34 @@ class ArchivesDuty:
         free = st.f_bavail * st.f_frsize
         if free >= need:
             return None
-        return (
-            f"insufficient space: needs about {need >> 20} MiB in "
-            f"{self.s.containerd_root}, {free >> 20} MiB free"
-        )
+        reason = f"insufficient space: needs about {need >> 20} MiB in {self.s.containerd_root}"
+        return reason, free >> 20
 
-    def _wait_for_space(self, rec: Record, reason: str) -> None:
+    def _wait_for_space(self, rec: Record, reason: str, free_mib: int) -> None:
         self.not_before[rec.path] = self.monotonic() + plan.SPACE_RETRY_S
         if rec.reason != reason:
-            self.log.warning("archive.waiting_for_space", file=rec.path, reason=reason)
+            self.log.warning(
+                "archive.waiting_for_space", file=rec.path, reason=reason, free_mib=free_mib
+            )
             self._set(replace(rec, reason=reason))
             self.flush(force=True)  # so `status` says why it waits
+
+    def _unreadable(self, rec: Record, err: OSError) -> None:
+        """The archive can be stat'ed but not read (EIO, EACCES): retried later, ever more slowly.
+
+        Its reason says why in ``status``; logged when the reason changes.
+        """
+        tries = min(self.unreadable.get(rec.path, 0) + 1, plan.MAX_COUNT)
+        self.unreadable[rec.path] = tries
+        delay = plan.backoff(tries, base=UNREADABLE_RETRY_S, cap=UNREADABLE_RETRY_CAP_S)
+        self.not_before[rec.path] = self.monotonic() + delay
+        reason = plan.one_line(f"unreadable: {err.strerror or err}")
+        if rec.reason != reason:
+            self.log.warning(
+                "archive.unreadable", file=rec.path, error=plan.one_line(str(err)), retry_in_s=delay
+            )
+            self._set(replace(rec, reason=reason))
+            self.flush(force=True)
 
     # -- containerd ------------------------------------------------------------------------
 

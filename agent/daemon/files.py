@@ -121,9 +121,16 @@ def fingerprint(path: Path) -> str:
 
 
 def open_for_writing(path: Path, proc: Path = Path("/proc")) -> bool:
-    """True if any process has ``path`` open for writing (a copy still under way)."""
+    """True if any process has ``path`` open for writing (a copy still under way).
+
+    Only the text of each ``/proc/PID/fd/N`` link is read, never the file it
+    names: a stat through the link would reach whatever file system that
+    file is on, and a dead hard NFS mount blocks it for ever. A link whose
+    text is our path is then checked against our inode via ``fdinfo``.
+    """
     try:
         target = os.stat(path)
+        text = os.path.realpath(path)
     except OSError:
         return False
     for pid_dir in proc.iterdir():
@@ -136,22 +143,28 @@ def open_for_writing(path: Path, proc: Path = Path("/proc")) -> bool:
             continue
         for fd in fds:
             try:
-                st = os.stat(fd_dir / fd)
-                if st.st_ino != target.st_ino or st.st_dev != target.st_dev:
+                if os.readlink(fd_dir / fd) != text:
                     continue
-                flags = _fd_flags(pid_dir / "fdinfo" / fd)
-            except OSError:
+                flags, ino = _fd_info(pid_dir / "fdinfo" / fd)
+            except (OSError, ValueError):
                 continue
+            if ino is not None and ino != target.st_ino:
+                continue  # the name now belongs to another file
             if flags & 0o3 in (0o1, 0o2):
                 return True
     return False
 
 
-def _fd_flags(fdinfo: Path) -> int:
+def _fd_info(fdinfo: Path) -> tuple[int, int | None]:
+    """The open flags and (on kernels that show it) the inode of one ``fdinfo`` entry."""
+    flags, ino = 0, None
     for line in fdinfo.read_text().splitlines():
-        if line.startswith("flags:"):
-            return int(line.split()[1], 8)
-    return 0
+        key, _, value = line.partition(":")
+        if key == "flags":
+            flags = int(value.strip(), 8)
+        elif key == "ino":
+            ino = int(value.strip())
+    return flags, ino
 
 
 def uncompressed_size(path: Path) -> tuple[int, bool]:

@@ -19,10 +19,11 @@ import structlog
 
 from agent.daemon import plan
 from agent.daemon.archives import ArchivesDuty
+from agent.daemon.beat import Heartbeat
 from agent.daemon.metrics import Metrics
 from agent.daemon.notify import Notifier
 from agent.daemon.state import StateError
-from agent.errors import ContainerdUnavailable
+from agent.errors import ContainerdError, ContainerdUnavailable
 from agent.importer import Progress
 
 HEARTBEAT_S = 10.0  # the status record is rewritten this often
@@ -33,15 +34,18 @@ PROGRESS_LOG_S = 10.0
 class ProgressSink:
     """Where the importer reports progress: it only keeps the latest report (thread-safe)."""
 
-    def __init__(self) -> None:
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
         self._lock = threading.Lock()
         self._latest: Progress | None = None
         self._count = 0
+        self.monotonic = monotonic
+        self.last_at = float("-inf")  # monotonic time of the last report (a sign of life)
 
     def __call__(self, progress: Progress) -> None:
         with self._lock:
             self._latest = progress
             self._count += 1
+            self.last_at = self.monotonic()
 
     def latest(self) -> tuple[int, Progress | None]:
         """How many reports so far, and the last one."""
@@ -80,6 +84,8 @@ class HealthDuty:
         images_dir: Path,
         *,
         dead: Callable[[], list[str]] = list,
+        stuck: Callable[[], list[str]] = list,
+        heartbeat: Heartbeat | None = None,
         pulls: PullTable | None = None,
         pulls_changed: threading.Event | None = None,
         monotonic: Callable[[], float] = time.monotonic,
@@ -93,12 +99,15 @@ class HealthDuty:
         self.progress = progress
         self.images_dir = images_dir
         self.dead = dead
+        self.stuck = stuck
+        self.heartbeat = heartbeat or Heartbeat(monotonic)
         self.pulls = pulls
         self.pulls_changed = pulls_changed or threading.Event()
         self.monotonic = monotonic
         self.wall = wall
         self.started_at = wall()
         self.containerd_ok: bool | None = None  # None: not probed yet
+        self.probe_error = ""  # why the last probe failed, logged when it changes
         self.state_error = ""
         self._probe_at = 0.0
         self._status_at = 0.0
@@ -108,11 +117,14 @@ class HealthDuty:
     def verdict(self) -> tuple[bool, str]:
         """What /healthz says."""
         state_error = self.archives.state_error or self.state_error
-        return plan.health(bool(self.containerd_ok), self.dead(), state_error)
+        return plan.health(bool(self.containerd_ok), self.dead(), state_error, self.stuck())
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
-            stop.wait(self.tick())
+            self.heartbeat.beat()
+            wait = self.tick()
+            self.heartbeat.beat()
+            stop.wait(wait)
         self.write_status()
 
     def tick(self) -> float:
@@ -131,12 +143,24 @@ class HealthDuty:
         return TICK_S
 
     def probe(self) -> None:
+        """Ask containerd its version: any error of containerd's is "not ok", never an exception."""
         was = self.containerd_ok
+        error = ""
         try:
             self.client.version()
             ok = True
         except ContainerdUnavailable:
             ok = False
+        except ContainerdError as err:
+            # Answered, but not as it should (a stream reset, UNIMPLEMENTED):
+            # unusable as well. The reason is logged each time it changes.
+            ok = False
+            error = plan.one_line(str(err))
+            if error != self.probe_error:
+                self.log.warning(
+                    "containerd.probe_failed", address=self.client.address, error=error
+                )
+        self.probe_error = error
         self.containerd_ok = ok
         self.metrics.containerd_up.set(1 if ok else 0)
         if ok and was is False:

@@ -257,9 +257,12 @@ def escape(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def health(containerd_ok: bool, dead: list[str], state_error: str) -> tuple[bool, str]:
-    """/healthz: ok only if containerd answers, every duty runs and state can be written."""
+def health(
+    containerd_ok: bool, dead: list[str], state_error: str, stuck: list[str] | None = None
+) -> tuple[bool, str]:
+    """/healthz: ok only if containerd answers, every duty runs and turns, state is writable."""
     problems = [f"{name} stopped" for name in dead]
+    problems += [f"{name} not responding" for name in stuck or []]
     if not containerd_ok:
         problems.append("containerd unreachable")
     if state_error:
@@ -277,6 +280,29 @@ def probe_interval(containerd_ok: bool, up_s: float = 10.0, down_s: float = 1.0)
     return up_s if containerd_ok else down_s
 
 
+# Backoff exponents stop growing here: 2**32 s is far beyond any cap, and a
+# count that kept growing (days of outage) would overflow a float.
+MAX_BACKOFF_EXPONENT = 32
+# Counters that only feed a backoff stop here.
+MAX_COUNT = 1_000_000
+
+
 def backoff(attempt: int, base: float = 1.0, cap: float = 60.0) -> float:
-    """Capped exponential backoff: 1, 2, 4, ... seconds up to ``cap``."""
-    return float(min(cap, base * 2.0 ** max(0, attempt - 1)))
+    """Capped exponential backoff: 1, 2, 4, ... seconds up to ``cap``, for any attempt count."""
+    exponent = min(max(0, attempt - 1), MAX_BACKOFF_EXPONENT)
+    return float(min(cap, base * 2.0**exponent))
+
+
+def stale(
+    beats: Mapping[str, tuple[float, bool]], now: float, window_s: float, busy_window_s: float
+) -> list[str]:
+    """The duties whose last sign of life is too old: (last beat, busy in a long call) by name.
+
+    A duty inside a long call (an import: a big layer can unpack for minutes
+    without a progress report) gets ``busy_window_s``; otherwise ``window_s``.
+    """
+    return sorted(
+        name
+        for name, (at, busy) in beats.items()
+        if now - at > (busy_window_s if busy else window_s)
+    )

@@ -19,9 +19,11 @@ import structlog
 
 from agent import lists
 from agent.daemon import files, plan
+from agent.daemon.beat import Heartbeat
 from agent.daemon.files import Kind
 
 IDLE_WAKE_S = 10.0
+RESCAN_S = 300.0  # lists whose events were lost (inotify overflow) are found within this
 
 
 class Sources(Protocol):
@@ -45,6 +47,7 @@ class PullListsDuty:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
         self.puller = puller
         self.images_dir = images_dir
@@ -53,6 +56,8 @@ class PullListsDuty:
         self.log = log
         self.monotonic = monotonic
         self.wall = wall
+        self.heartbeat = heartbeat or Heartbeat(monotonic)
+        self._rescan_at = 0.0
         self.events: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._loaded: dict[str, files.Stat | None] = {}  # what was last read
         self._seen: dict[str, plan.Seen] = {}
@@ -69,11 +74,14 @@ class PullListsDuty:
     def run(self, stop: threading.Event) -> None:
         self.start_up()
         while not stop.is_set():
+            self.heartbeat.beat()
             timeout = self.step()
+            self.heartbeat.beat()
             with contextlib.suppress(queue.Empty):
                 self.events.put(self.events.get(timeout=timeout))
 
     def start_up(self) -> None:
+        self._rescan_at = self.monotonic() + RESCAN_S
         for dirpath, dirnames, filenames in os.walk(self.images_dir):
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
             for name in filenames:
@@ -102,11 +110,14 @@ class PullListsDuty:
             elif self.wants(p):
                 self._look(p)
         now = self.monotonic()
+        if now >= self._rescan_at:
+            self.start_up()  # what an overflowed event queue lost; known lists are looked at again
+            for key in list(self._loaded):
+                self._look(Path(key))
         for key in [k for k, at in self._due.items() if at <= now]:
             self._look(Path(key))
-        if not self._due:
-            return IDLE_WAKE_S
-        return max(0.01, min(self._due.values()) - self.monotonic())
+        wake = min([IDLE_WAKE_S, self._rescan_at - now, *(at - now for at in self._due.values())])
+        return max(0.01, wake)
 
     def _look(self, path: Path) -> None:
         key = str(path)
@@ -135,10 +146,15 @@ class PullListsDuty:
     def _read(self, path: Path) -> tuple[list[lists.Entry], list[lists.Problem]]:
         try:
             with files.open_regular(path) as f:
-                text = f.read().decode(errors="replace")
+                data = f.read(lists.MAX_LIST_BYTES + 1)
         except OSError as err:
             self.log.warning("pull_list.unreadable", file=str(path), error=str(err))
             return [], []
+        if len(data) > lists.MAX_LIST_BYTES:
+            reason = f"list is larger than {lists.MAX_LIST_BYTES >> 20} MiB (too large)"
+            self.log.warning("pull_list.too_large", file=str(path), limit=lists.MAX_LIST_BYTES)
+            return [], [lists.Problem(str(path), 0, "", reason)]
+        text = data.decode(errors="replace")
         entries, problems = lists.parse(text, str(path))
         self.log.info(
             "pull_list.loaded", file=str(path), images=len(entries), invalid=len(problems)

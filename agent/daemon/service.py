@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,10 +30,12 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
 
 from agent.containerd.client import Containerd
 from agent.daemon import plan
 from agent.daemon.archives import ArchivesDuty, ImportedImages, Settings
+from agent.daemon.beat import Heartbeat
 from agent.daemon.files import Kind
 from agent.daemon.health import HEARTBEAT_S, HealthDuty, ProgressSink, Watchdog
 from agent.daemon.metrics import Metrics
@@ -44,7 +47,13 @@ from agent.daemon.status import status_doc
 from agent.importer import Importer
 from agent.pull.engine import Puller
 
-JOIN_S = 5.0
+JOIN_S = 5.0  # all duties together, at stop (TimeoutStopSec is 20 s)
+# A duty that has not turned for this long is taken as wedged (no watchdog
+# pings, /healthz down). Every loop turns at least every 10 s when idle.
+STALE_S = 60.0
+# The same during an import, counting the importer's progress reports: one
+# big layer can unpack for minutes without a report.
+BUSY_STALE_S = 300.0
 # Reads of the archive (ours: fingerprints, imports) are not changes.
 _NOT_CHANGES = (EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE)
 
@@ -52,10 +61,33 @@ _NOT_CHANGES = (EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE)
 class _Handler(FileSystemEventHandler):
     """Routes each changed path to the duties that want it (runs on the observer's thread)."""
 
-    def __init__(self, routes: list[tuple[Callable[[Path], bool], queue.SimpleQueue[str]]]) -> None:
+    def __init__(
+        self,
+        routes: list[tuple[Callable[[Path], bool], queue.SimpleQueue[str]]],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> None:
         self.routes = routes
+        self.log = log
+        self.failed = False
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        """Never raises: an exception here would end the watcher's thread silently.
+
+        A failed route (the path vanished under a check) is logged once; the
+        duties' periodic rescans find what the event was about.
+        """
+        try:
+            self._route(event)
+        except Exception as err:
+            if not self.failed:
+                self.failed = True
+                self.log.error(
+                    "watcher.event_failed",
+                    error=plan.one_line(f"{type(err).__name__}: {err}"),
+                    traceback="".join(traceback.format_exception(err)),
+                )
+
+    def _route(self, event: FileSystemEvent) -> None:
         if event.event_type in _NOT_CHANGES:
             return
         for raw in (event.src_path, getattr(event, "dest_path", "")):
@@ -123,14 +155,30 @@ class Daemon:
         self.notifier = notifier
         self.log = log
         self.puller = puller
+        self.progress = progress
+        self.observer: BaseObserver | None = None  # the file watcher, once started
+        self.beats = {"archives": Heartbeat(), "health": Heartbeat()}
         self.archives = ArchivesDuty(
-            settings, importer, client, store, metrics, log, imported=imported
+            settings,
+            importer,
+            client,
+            store,
+            metrics,
+            log,
+            imported=imported,
+            heartbeat=self.beats["archives"],
         )
-        self.lists = (
-            None
-            if puller is None
-            else PullListsDuty(puller, settings.images_dir, pull_lists, settings.settle_s, log)
-        )
+        self.lists = None
+        if puller is not None:
+            self.beats["pull-lists"] = Heartbeat()
+            self.lists = PullListsDuty(
+                puller,
+                settings.images_dir,
+                pull_lists,
+                settings.settle_s,
+                log,
+                heartbeat=self.beats["pull-lists"],
+            )
         self.health_duty = HealthDuty(
             client,
             store,
@@ -140,6 +188,8 @@ class Daemon:
             progress,
             settings.images_dir,
             dead=self.dead,
+            stuck=self.stuck,
+            heartbeat=self.beats["health"],
             pulls=puller,
             pulls_changed=pulls_changed,
         )
@@ -160,10 +210,28 @@ class Daemon:
         return self.archives.published
 
     def dead(self) -> list[str]:
-        return [d.name for d in self.duties if d.died]
+        """Duties whose thread ended, and the file watcher if its thread did."""
+        dead = [d.name for d in self.duties if d.died]
+        if self.observer is not None and not self.observer.is_alive():
+            dead.append("file-watcher")
+        return dead
+
+    def stuck(self) -> list[str]:
+        """Duties that stopped turning (see STALE_S and BUSY_STALE_S)."""
+        watchdog_s = self.notifier.watchdog_s
+        beats = {}
+        for name, hb in self.beats.items():
+            at, busy = hb.stamp()
+            if name == "archives" and busy:
+                at = max(at, self.progress.last_at)  # a progress report is a sign of life
+            beats[name] = (at, busy)
+        return plan.stale(
+            beats, time.monotonic(), max(watchdog_s, STALE_S), max(watchdog_s, BUSY_STALE_S)
+        )
 
     def alive(self) -> bool:
-        return not any(d.died for d in self.duties)
+        """What the watchdog pings on: every duty runs and has turned recently."""
+        return not self.dead() and not self.stuck()
 
     def health(self) -> tuple[bool, str]:
         return self.health_duty.verdict()
@@ -189,7 +257,7 @@ class Daemon:
         ]
         if self.lists is not None:
             routes.append((self.lists.wants, self.lists.events))
-        handler = _Handler(routes)
+        handler = _Handler(routes, self.log)
         observer = Observer()
         observer.schedule(handler, str(self.s.images_dir), recursive=True)
         # `image-agent retry` drops a request file here; its event wakes the archives duty.
@@ -199,6 +267,7 @@ class Daemon:
             for parent in {p.parent for p in self.lists.extra if p.parent.is_dir()}:
                 observer.schedule(handler, str(parent), recursive=False)
         observer.start()
+        self.observer = observer
         self.health_duty.probe()  # the first verdict before anything else runs
         if self.puller is not None:
             self.puller.start()
@@ -229,13 +298,17 @@ class Daemon:
             self.notifier.send("STOPPING=1")
             if self.puller is not None:
                 self.puller.stop()
+            self.observer = None  # stopped on purpose from here on
             observer.stop()
+            # One deadline for all: joined one after another, each with its
+            # own wait, they could outlast systemd's TimeoutStopSec.
+            deadline = time.monotonic() + JOIN_S
             if started:
                 for duty in self.duties:
-                    duty.thread.join(JOIN_S)
+                    duty.thread.join(max(0.0, deadline - time.monotonic()))
                     if duty.thread.is_alive():
                         self.log.error("duty.stuck", duty=duty.name, waited_s=JOIN_S)
-            observer.join(JOIN_S)
+            observer.join(max(0.0, deadline - time.monotonic()))
 
 
 __all__ = [

@@ -68,11 +68,38 @@ class Record:
         return doc
 
     @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Record:
-        names = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in doc.items() if k in names}
-        values["state"] = State(values.get("state", "pending"))
+    def from_json(cls, doc: object) -> Record:
+        """The record of a stored document; ValueError if any field has the wrong type."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"record is a {type(doc).__name__}, not an object")
+        path = doc.get("path")
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"record has no path (found {path!r:.80})")
+        values: dict[str, Any] = {"path": path}
+        for name in ("size", "mtime_ns", "attempts", "interrupted"):
+            if name in doc:
+                values[name] = _field(doc, name, int)
+        for name in ("fingerprint", "reason", "error"):
+            if name in doc:
+                values[name] = _field(doc, name, str)
+        for name in ("started_at", "finished_at"):
+            if doc.get(name) is not None:
+                values[name] = float(_field(doc, name, (int, float)))
+        if "size" not in values or "mtime_ns" not in values:
+            raise ValueError(f"record {path!r:.200}: no size or mtime_ns")
+        images = doc.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise ValueError(f"record {path!r:.200}: images is not a list of names")
+        values["images"] = list(images)
+        values["state"] = State(_field(doc, "state", str) if "state" in doc else "pending")
         return cls(**values)
+
+
+def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = doc[name]
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ValueError(f"record {doc['path']!r:.200}: {name} is {value!r:.80}")
+    return value
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -117,6 +144,7 @@ class Store:
         self._log = log
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
+        self._skipped_logged = 0
 
     # -- connection --------------------------------------------------------------
 
@@ -132,10 +160,7 @@ class Store:
         if self.path.is_dir():
             raise StateError(f"{self.path} is a directory; it must be the state database file")
         if self.readonly:
-            db = sqlite3.connect(
-                f"file:{self.path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None
-            )
-            db.execute("PRAGMA query_only=ON")
+            db = self._open_readonly()
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(
@@ -158,6 +183,30 @@ class Store:
                 raise
         self._db = db
         return db
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        """A reader's connection; on a read-only directory, an immutable one.
+
+        A WAL database opened read-only still creates its ``-shm`` (and needs
+        ``-wal``) beside it; where that is impossible (a read-only mount, a
+        directory we may not write) it is opened as immutable: no daemon can
+        be writing it there anyway.
+        """
+        for query in ("mode=ro", "mode=ro&immutable=1"):
+            db = sqlite3.connect(
+                f"file:{self.path}?{query}", uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None
+            )
+            try:
+                db.execute("PRAGMA query_only=ON")
+                db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+                return db
+            except sqlite3.OperationalError as err:
+                db.close()
+                code = (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF
+                if code not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
+                    raise
+                last = err
+        raise last
 
     def _migrate(self, db: sqlite3.Connection) -> None:
         """Move the records of an ``archives.json`` (format 1) into the database, once."""
@@ -221,13 +270,18 @@ class Store:
             lambda db: db.execute("SELECT doc FROM archives").fetchall()
         )
         records = {}
+        skipped, first = 0, ""
         for (doc,) in rows:
             try:
                 record = Record.from_json(json.loads(doc))
             except (TypeError, ValueError) as err:
-                self._log("state.record_unreadable", error=str(err))
+                skipped, first = skipped + 1, first or str(err)
                 continue
             records[record.path] = record
+        if skipped and skipped != self._skipped_logged:
+            # Forgotten, not fatal: a forgotten archive is imported again.
+            self._skipped_logged = skipped
+            self._log("state.records_skipped", database=str(self.path), count=skipped, first=first)
         return records
 
     def put(self, records: Iterable[Record], deleted: Iterable[str] = ()) -> None:
@@ -327,9 +381,12 @@ def _read_legacy(path: Path, log: LogFn) -> list[Record] | None:
         log("state.legacy_unreadable", file=str(path), error="no 'archives' list")
         return None
     out = []
+    skipped, first = 0, ""
     for item in items:
         try:
             out.append(Record.from_json(item))
-        except (TypeError, ValueError, AttributeError) as err:
-            log("state.legacy_record_skipped", file=str(path), error=str(err))
+        except (TypeError, ValueError) as err:
+            skipped, first = skipped + 1, first or str(err)
+    if skipped:
+        log("state.legacy_records_skipped", file=str(path), count=skipped, first=first)
     return out
