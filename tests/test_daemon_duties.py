@@ -7,29 +7,38 @@ agent.daemon.health); the files are real files in a temporary directory.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import queue
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import pytest
 from structlog.testing import capture_logs
 
 from agent import lists, logs
-from agent.daemon import files, plan
+from agent.daemon import archives, beat, files, plan, pull_lists
 from agent.daemon.archives import ArchivesDuty, ImportedImages, Settings
+from agent.daemon.beat import Heartbeats
 from agent.daemon.health import HealthDuty, ProgressSink, Watchdog
 from agent.daemon.lock import StateLock, StateLocked
 from agent.daemon.metrics import Metrics
 from agent.daemon.notify import Notifier
 from agent.daemon.pull_lists import PullListsDuty
 from agent.daemon.state import Record, State, StateError, Store
-from agent.errors import ArchiveError, Cancelled, ContainerdUnavailable
+from agent.errors import (
+    AgentError,
+    ArchiveError,
+    Cancelled,
+    ContainerdError,
+    ContainerdUnavailable,
+)
 from agent.importer import ImportedImage, ImportResult, Progress
 
 # -- test doubles --------------------------------------------------------------------------
@@ -188,6 +197,13 @@ class Env:
 @pytest.fixture
 def env(tmp_path: Path) -> Env:
     return Env(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _logs_captured() -> Iterator[None]:
+    """Log lines go to a capture, never to a stream an earlier test's CLI run left closed."""
+    with capture_logs():
+        yield
 
 
 def events(cap: Sequence[MutableMapping[str, Any]], name: str) -> list[MutableMapping[str, Any]]:
@@ -625,11 +641,13 @@ def test_a_duty_that_dies_is_logged_once_and_marked_dead() -> None:
 class FakeSources:
     def __init__(self) -> None:
         self.sources: dict[str, list[str]] = {}
+        self.problems: dict[str, list[str]] = {}
 
     def set_source(
         self, source: str, entries: list[lists.Entry], problems: list[lists.Problem]
     ) -> None:
         self.sources[source] = [e.ref for e in entries]
+        self.problems[source] = [p.reason for p in problems]
 
 
 def test_pull_list_read_once_settled_and_dropped_when_gone(tmp_path: Path) -> None:
@@ -655,3 +673,346 @@ def test_pull_list_read_once_settled_and_dropped_when_gone(tmp_path: Path) -> No
     clock.now += 2.0
     duty.step()
     assert sources.sources == {str(path): []}
+
+
+# -- review findings: failures that must neither crash a duty nor spin ------------------------
+
+
+def test_backoff_is_bounded_for_any_attempt_count(env: Env) -> None:
+    """Days of outage or refusals (attempt counts in the thousands) keep the capped delay, no OverflowError."""
+    assert plan.backoff(1025) == 60.0 and plan.backoff(10**9, base=5.0, cap=600.0) == 600.0
+    a = env.archive("a.tar", mtime=1_000_000_000)
+    env.duty.start_up()
+    env.ctd.up = False
+    env.duty.outage_attempts = 5000  # hours of outage with several archives
+    env.settle_and_step(1)
+    assert env.duty.not_before[str(a)] - env.clock.now == 60.0
+    assert env.duty.outage_attempts <= plan.MAX_COUNT
+    env.ctd.up = True
+    # A permanent refusal whose attempts were persisted over a week of restarts.
+    env.duty.records[str(a)] = replace(env.state(a), attempts=5000)
+    env.importer.behaviour[str(a)] = AgentError("snapshotter: permission denied")
+    env.duty.not_before.clear()
+    env.duty.step(env.stop)
+    assert env.state(a).state is State.PENDING
+    assert env.duty.not_before[str(a)] - env.clock.now == plan.CONTAINERD_RETRY_CAP_S
+
+
+def test_archive_that_cannot_be_read_waits_and_says_why(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """stat works but read fails (EIO): no hot loop; retried later, slower each time, reason in status, logged once."""
+    a = env.archive("a.tar", mtime=1_000_000_000)
+    real = files.fingerprint
+
+    def broken(path: Path) -> str:
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(files, "fingerprint", broken)
+    env.duty.start_up()
+    env.clock.now += 10
+    with capture_logs() as cap:
+        waits = [env.duty.step(env.stop) for _ in range(20)]  # the clock holds still
+    assert waits.count(0.0) <= 1 and min(waits[1:]) > 1.0  # the attempt's own turn, then a wait
+    assert len(events(cap, "archive.unreadable")) == 1
+    rec = env.state(a)
+    assert rec.state is State.PENDING and rec.reason == "unreadable: Input/output error"
+    assert env.store.rows[str(a)].reason == rec.reason  # written: `status` shows it
+    first = env.duty.not_before[str(a)] - env.clock.now
+    env.clock.now += first
+    env.duty.step(env.stop)
+    assert env.duty.not_before[str(a)] - env.clock.now == 2 * first
+    monkeypatch.setattr(files, "fingerprint", real)
+    env.clock.now += 3600
+    env.duty.step(env.stop)
+    assert env.state(a).state is State.IMPORTED
+
+
+def test_settle_of_zero_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--settle 0 would look at a file still being written in a tight loop: a usage error, one line."""
+    from agent import cli
+
+    for value in ("0", "-1"):
+        code = cli.main(["run", "--settle", value, "--state-dir", str(tmp_path / "st")])
+        assert code == cli.EXIT_USAGE
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--settle must be more than 0" in err
+    assert not (tmp_path / "st").exists()  # refused before anything was touched
+
+
+def test_leftover_leases_go_before_the_space_check(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After kill -9 mid-import our lease holds content: released first, not waited on for an hour."""
+    env.ctd.leases["killed-import"] = {"image-agent/owner": "daemon"}
+    env.archive("a.tar")
+    monkeypatch.setattr(files, "uncompressed_size", lambda path: (1 << 60, True))
+    env.duty.start_up()
+    env.settle_and_step(1)
+    assert "killed-import" not in env.ctd.leases
+    assert env.state(env.images / "a.tar").reason.startswith("insufficient space")
+
+
+def test_waiting_for_space_logs_and_writes_once(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The free figure moves every few seconds; the reason (and so the log and the database) does not."""
+    a = env.archive("a.tar")
+    monkeypatch.setattr(files, "uncompressed_size", lambda path: (1 << 60, True))
+    free = iter(range(1000, 0, -1))
+
+    @dataclass
+    class Vfs:
+        f_bavail: int
+        f_frsize: int = 1 << 20
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Vfs(next(free)))
+    env.duty.start_up()
+    env.settle_and_step(1)
+    puts = env.store.puts
+    with capture_logs() as cap:
+        for _ in range(20):
+            env.clock.now += plan.SPACE_RETRY_S
+            env.duty.step(env.stop)
+    assert events(cap, "archive.waiting_for_space") == []
+    assert env.store.puts == puts
+    assert "MiB free" not in env.state(a).reason
+
+
+def test_unreadable_database_rows_are_skipped_and_counted(tmp_path: Path) -> None:
+    """Rows of the wrong shape (a list, a string mtime, no path) are skipped, logged once with a count."""
+    store = Store(tmp_path)
+    good = Record("/d/good.tar", 5, 7, State.IMPORTED)
+    store.put([good], [])
+    bad = [
+        ("/d/list", json.dumps(["a"])),
+        ("/d/mtime", json.dumps({"path": "/d/mtime", "size": 1, "mtime_ns": "x"})),
+        ("/d/nullpath", json.dumps({"path": None, "size": 1, "mtime_ns": 1})),
+        ("/d/images", json.dumps({"path": "/d/images", "size": 1, "mtime_ns": 1, "images": 3})),
+        ("/d/state", json.dumps({"path": "/d/state", "size": 1, "mtime_ns": 1, "state": "gone"})),
+    ]
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.executemany("INSERT INTO archives (path, doc) VALUES (?, ?)", bad)
+    db.close()
+    seen: list[tuple[str, dict[str, Any]]] = []
+    store = Store(tmp_path, log=lambda event, **kw: seen.append((event, kw)))
+    assert store.load() == {good.path: good}
+    assert store.load() == {good.path: good}
+    assert [e for e, _ in seen] == ["state.records_skipped"] and seen[0][1]["count"] == 5
+    store.close()
+
+
+def test_odd_archives_json_records_are_skipped_at_migration(tmp_path: Path) -> None:
+    """A legacy file with nulls, lists and strings where numbers belong migrates its good records only."""
+    good = Record("/d/good.tar", 5, 7, State.IMPORTED, images=["docker.io/library/a:1"])
+    items: list[Any] = [
+        good.to_json(),
+        {"path": "/d/a.tar", "size": 1, "mtime_ns": "x"},
+        {"path": "/d/b.tar", "size": 1, "mtime_ns": None},
+        {"path": ["a"], "size": 1, "mtime_ns": 1},
+        {"path": None, "size": 1, "mtime_ns": 1},
+        ["not", "a", "record"],
+    ]
+    (tmp_path / "archives.json").write_text(json.dumps({"version": 1, "archives": items}))
+    seen: list[tuple[str, dict[str, Any]]] = []
+    store = Store(tmp_path, log=lambda event, **kw: seen.append((event, kw)))
+    assert store.load() == {good.path: good}
+    assert [e for e, _ in seen] == ["state.legacy_records_skipped", "state.migrated"]
+    assert seen[0][1]["count"] == 5
+    store.close()
+    assert Store(tmp_path).load() == {good.path: good}  # the next start: same, no crash
+
+
+class FlakyContainerd(FakeContainerd):
+    """Answers the version call with an error that is not 'unavailable' (a stream reset)."""
+
+    def version(self) -> str:
+        raise ContainerdError("Stream removed", code="UNKNOWN")
+
+
+def test_probe_error_other_than_unavailable_is_not_ok(env: Env) -> None:
+    """UNKNOWN/UNIMPLEMENTED from the probe: containerd counts as not ok, logged once, the tick goes on."""
+    flaky = FlakyContainerd()
+    health = HealthDuty(
+        flaky, NullStatus(), Metrics(), logs.get(), env.duty, ProgressSink(), env.images
+    )
+    with capture_logs() as cap:
+        health.probe()
+        for _ in range(3):
+            health._probe_at = 0.0
+            health.tick()
+    assert health.verdict() == (False, "containerd unreachable")
+    failed = events(cap, "containerd.probe_failed")
+    assert len(failed) == 1 and "Stream removed" in failed[0]["error"]
+
+
+def test_stale_heartbeat_stops_the_watchdog(tmp_path: Path) -> None:
+    """A duty that stops turning is stuck after STALE_S; in an import, progress reports keep it alive."""
+    clock = Clock()
+    sink = ProgressSink(monotonic=clock)
+    beats = Heartbeats(watchdog_s=0.0, monotonic=clock)
+    archives = beats.add("archives", progress_at=lambda: sink.last_at)
+    health_beat = beats.add("health")
+    assert beats.stuck() == []
+    clock.now += beat.STALE_S + 1
+    health_beat.beat()
+    assert beats.stuck() == ["archives"]  # wedged between imports
+    archives.beat(busy=True)  # an import starts
+    for _ in range(10):  # progress every minute: alive however long it takes
+        clock.now += 60
+        health_beat.beat()
+        sink(Progress("/d/a.tar", 1, 2, 1.0))
+        assert beats.stuck() == []
+    clock.now += beat.BUSY_STALE_S + 1  # one layer applying, no report for a long while
+    health_beat.beat()
+    assert beats.stuck() == ["archives"]
+    # A watchdog of its own longer than the windows widens them: no kill before systemd's.
+    wide = Heartbeats(watchdog_s=900.0, monotonic=clock)
+    wide.add("health")
+    clock.now += 800
+    assert wide.stuck() == []
+    # The archives duty marks itself busy for the import only.
+    env = Env(tmp_path)
+    during: list[bool] = []
+    env.importer.around = lambda path, run: (during.append(env.duty.heartbeat.busy), run())[1]
+    env.archive("a.tar")
+    env.duty.start_up()
+    env.settle_and_step(1)
+    assert during == [True]
+
+
+def test_stuck_duty_is_reported_by_health(env: Env) -> None:
+    """/healthz names a duty that stopped turning."""
+    health = HealthDuty(
+        env.ctd,
+        NullStatus(),
+        Metrics(),
+        logs.get(),
+        env.duty,
+        ProgressSink(),
+        env.images,
+        stuck=lambda: ["archives"],
+    )
+    health.probe()
+    assert health.verdict() == (False, "archives not responding")
+
+
+def test_open_for_writing_reads_link_text_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/proc/PID/fd links to other files are never stat'ed (a dead NFS mount would block for ever)."""
+    path = tmp_path / "a.tar"
+    path.write_bytes(b"x")
+    proc = tmp_path / "proc"
+    (proc / "7" / "fd").mkdir(parents=True)
+    (proc / "7" / "fdinfo").mkdir()
+    (proc / "7" / "fd" / "3").symlink_to("/nfs/dead/file")
+    (proc / "7" / "fdinfo" / "3").write_text("pos:\t0\nflags:\t0100001\n")
+    (proc / "7" / "fd" / "4").symlink_to(path)
+    (proc / "7" / "fdinfo" / "4").write_text(
+        f"pos:\t0\nflags:\t0100001\nino:\t{path.stat().st_ino}\n"
+    )
+    real_stat = os.stat
+    statted: list[str] = []
+
+    def spy(p: Any, *args: Any, **kw: Any) -> os.stat_result:
+        statted.append(os.fspath(p))
+        return real_stat(p, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", spy)
+    assert files.open_for_writing(path, proc=proc)
+    assert not any(s.startswith(str(proc)) for s in statted), statted
+    (proc / "7" / "fd" / "4").unlink()
+    assert not files.open_for_writing(path, proc=proc)
+    # The link names our path but the inode differs: the name was reused.
+    (proc / "7" / "fd" / "4").symlink_to(path)
+    (proc / "7" / "fdinfo" / "4").write_text("pos:\t0\nflags:\t0100001\nino:\t1\n")
+    assert not files.open_for_writing(path, proc=proc)
+
+
+def test_watcher_event_that_fails_is_logged_once_and_swallowed(tmp_path: Path) -> None:
+    """An exception in routing an event would end the watcher's thread silently: caught, logged once."""
+    from watchdog.events import FileModifiedEvent
+
+    from agent.daemon.service import _Handler
+
+    def broken(path: Path) -> bool:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    q: queue.SimpleQueue[str] = queue.SimpleQueue()
+    handler = _Handler([(broken, q)], logs.get())
+    with capture_logs() as cap:
+        for _ in range(3):
+            handler.on_any_event(FileModifiedEvent(str(tmp_path / "a.tar")))
+    assert len(events(cap, "watcher.event_failed")) == 1
+    ok: queue.SimpleQueue[str] = queue.SimpleQueue()
+    _Handler([(lambda p: True, ok)], logs.get()).on_any_event(
+        FileModifiedEvent(str(tmp_path / "a.tar"))
+    )
+    assert ok.get_nowait() == str(tmp_path / "a.tar")
+
+
+def test_files_whose_events_were_lost_are_found_by_the_rescan(tmp_path: Path) -> None:
+    """Archives and lists that arrive without an event (inotify overflow) are picked up within RESCAN_S."""
+    env = Env(tmp_path)
+    env.duty.start_up()
+    a = env.archive("a.tar")  # no event
+    env.settle_and_step(1)
+    assert str(a) not in env.duty.records
+    env.clock.now += archives.RESCAN_S
+    env.duty.step(env.stop)
+    env.settle_and_step(1)
+    assert env.state(a).state is State.IMPORTED
+    a.unlink()  # gone, no event either
+    env.clock.now += archives.RESCAN_S
+    env.duty.step(env.stop)
+    assert str(a) not in env.duty.records
+    clock = Clock()
+    sources = FakeSources()
+    duty = PullListsDuty(
+        sources, env.images, (), 2.0, logs.get(), monotonic=clock, wall=lambda: 2e9
+    )
+    duty.start_up()
+    lst = env.images / "l.txt"
+    lst.write_text("docker.io/library/alpine:3.19\n")
+    os.utime(lst, (1e9, 1e9))
+    assert duty.step() <= pull_lists.RESCAN_S
+    assert sources.sources == {}
+    clock.now += pull_lists.RESCAN_S
+    duty.step()
+    assert sources.sources == {str(lst): ["docker.io/library/alpine:3.19"]}
+
+
+def test_pull_list_read_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A huge .txt is never read whole: at most MAX_LIST_BYTES + 1, then 'too large', no entries."""
+    images = tmp_path / "images"
+    images.mkdir()
+    big = images / "big.txt"
+    with open(big, "wb") as f:
+        f.truncate(64 << 30)  # sparse: 64 GiB of nothing
+    os.utime(big, (1e9, 1e9))
+    asked: list[int] = []
+    real_open = files.open_regular
+
+    class Counting:
+        def __init__(self, f: BinaryIO) -> None:
+            self.f = f
+
+        def __enter__(self) -> Counting:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def read(self, n: int = -1) -> bytes:
+            asked.append(n)
+            assert 0 <= n <= lists.MAX_LIST_BYTES + 1, "unbounded read"
+            return self.f.read(n)
+
+    monkeypatch.setattr(files, "open_regular", lambda p: Counting(real_open(p)))
+    sources = FakeSources()
+    duty = PullListsDuty(sources, images, (), 2.0, logs.get(), wall=lambda: 2e9)
+    with capture_logs() as cap:
+        duty.start_up()
+    assert asked == [lists.MAX_LIST_BYTES + 1]
+    assert sources.sources == {str(big): []}
+    assert "too large" in sources.problems[str(big)][0]
+    assert len(events(cap, "pull_list.too_large")) == 1

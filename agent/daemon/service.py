@@ -35,7 +35,7 @@ from watchdog.observers.api import BaseObserver
 from agent.containerd.client import Containerd
 from agent.daemon import plan
 from agent.daemon.archives import ArchivesDuty, ImportedImages, Settings
-from agent.daemon.beat import Heartbeat
+from agent.daemon.beat import Heartbeats
 from agent.daemon.files import Kind
 from agent.daemon.health import HEARTBEAT_S, HealthDuty, ProgressSink, Watchdog
 from agent.daemon.metrics import Metrics
@@ -48,12 +48,6 @@ from agent.importer import Importer
 from agent.pull.engine import Puller
 
 JOIN_S = 5.0  # all duties together, at stop (TimeoutStopSec is 20 s)
-# A duty that has not turned for this long is taken as wedged (no watchdog
-# pings, /healthz down). Every loop turns at least every 10 s when idle.
-STALE_S = 60.0
-# The same during an import, counting the importer's progress reports: one
-# big layer can unpack for minutes without a report.
-BUSY_STALE_S = 300.0
 # Reads of the archive (ours: fingerprints, imports) are not changes.
 _NOT_CHANGES = (EVENT_TYPE_OPENED, EVENT_TYPE_CLOSED_NO_WRITE)
 
@@ -155,9 +149,8 @@ class Daemon:
         self.notifier = notifier
         self.log = log
         self.puller = puller
-        self.progress = progress
         self.observer: BaseObserver | None = None  # the file watcher, once started
-        self.beats = {"archives": Heartbeat(), "health": Heartbeat()}
+        self.beats = Heartbeats(notifier.watchdog_s)
         self.archives = ArchivesDuty(
             settings,
             importer,
@@ -166,18 +159,17 @@ class Daemon:
             metrics,
             log,
             imported=imported,
-            heartbeat=self.beats["archives"],
+            heartbeat=self.beats.add("archives", progress_at=lambda: progress.last_at),
         )
         self.lists = None
         if puller is not None:
-            self.beats["pull-lists"] = Heartbeat()
             self.lists = PullListsDuty(
                 puller,
                 settings.images_dir,
                 pull_lists,
                 settings.settle_s,
                 log,
-                heartbeat=self.beats["pull-lists"],
+                heartbeat=self.beats.add("pull-lists"),
             )
         self.health_duty = HealthDuty(
             client,
@@ -189,7 +181,7 @@ class Daemon:
             settings.images_dir,
             dead=self.dead,
             stuck=self.stuck,
-            heartbeat=self.beats["health"],
+            heartbeat=self.beats.add("health"),
             pulls=puller,
             pulls_changed=pulls_changed,
         )
@@ -217,17 +209,8 @@ class Daemon:
         return dead
 
     def stuck(self) -> list[str]:
-        """Duties that stopped turning (see STALE_S and BUSY_STALE_S)."""
-        watchdog_s = self.notifier.watchdog_s
-        beats = {}
-        for name, hb in self.beats.items():
-            at, busy = hb.stamp()
-            if name == "archives" and busy:
-                at = max(at, self.progress.last_at)  # a progress report is a sign of life
-            beats[name] = (at, busy)
-        return plan.stale(
-            beats, time.monotonic(), max(watchdog_s, STALE_S), max(watchdog_s, BUSY_STALE_S)
-        )
+        """Duties that stopped turning (agent.daemon.beat: STALE_S, BUSY_STALE_S)."""
+        return self.beats.stuck()
 
     def alive(self) -> bool:
         """What the watchdog pings on: every duty runs and has turned recently."""
