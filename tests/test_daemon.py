@@ -399,3 +399,58 @@ def test_healthz_follows_containerd_while_idle(daemon, ctd: PrivateContainerd) -
     wait_for(lambda: not d.status()["daemon"]["healthy"], 90, "status to say unhealthy")
     ctd.start()
     wait_for(lambda: code() == 200, 90, "healthz to recover")
+
+
+def test_file_watcher_that_dies_takes_health_and_watchdog_down(
+    client: Containerd, tmp_path: Path
+) -> None:
+    """The inotify watcher's thread is watched like a duty: if it ends, /healthz and the pings say so."""
+    from agent import logs
+    from agent.daemon.archives import ImportedImages, Settings
+    from agent.daemon.health import ProgressSink
+    from agent.daemon.metrics import Metrics
+    from agent.daemon.notify import Notifier
+    from agent.daemon.service import JOIN_S, Daemon
+    from agent.daemon.state import Store
+    from agent.importer import Importer, ImportOptions
+
+    stop = threading.Event()
+    progress = ProgressSink()
+    settings = Settings(
+        images_dir=tmp_path / "images",
+        settle_s=0.5,
+        containerd_root=tmp_path,
+        delete_after_import=False,
+        platforms=None,
+        unpack=False,
+    )
+    store = Store(tmp_path / "state")
+    daemon = Daemon(
+        settings,
+        client,
+        Importer(client, ImportOptions(unpack=False), progress=progress, stop=stop),
+        store,
+        Metrics(),
+        Notifier(""),
+        logs.get(),
+        progress=progress,
+        imported=ImportedImages(),
+    )
+    t = threading.Thread(target=daemon.run, args=(stop,))
+    t.start()
+    try:
+        wait_for(lambda: daemon.archives.ready.is_set() and daemon.observer is not None, 30)
+        wait_for(lambda: daemon.health() == (True, "ok"), 30, "healthy")
+        assert daemon.alive()
+        observer = daemon.observer
+        assert observer is not None
+        observer.stop()
+        observer.join(10)
+        assert daemon.dead() == ["file-watcher"] and not daemon.alive()
+        ok, text = daemon.health()
+        assert not ok and "file-watcher stopped" in text
+    finally:
+        stop.set()
+        t.join(JOIN_S + 10)
+        store.close()
+    assert not t.is_alive()

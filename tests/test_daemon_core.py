@@ -188,3 +188,32 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
         ["systemd-analyze", "verify", str(path)], capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+def test_status_reads_a_read_only_state_directory(tmp_path: Path) -> None:
+    """`status` on a read-only mount of the state directory (no -shm/-wal can be made) still reads it."""
+    from agent.daemon.status import status_doc
+
+    src = tmp_path / "state"
+    store = Store(src)
+    rec = Record("/d/a.tar", 5, 7, State.IMPORTED, images=["docker.io/library/a:1"])
+    store.put([rec], [])
+    store.save_daemon({"pid": 0, "heartbeat_at": 0.0})
+    store.close()
+    assert not (src / "state.db-shm").exists()  # the last close removed it
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        with pytest.raises(OSError):
+            (ro / "probe").write_bytes(b"")  # really read-only, even for root
+        reader = Store(ro, readonly=True)
+        try:
+            doc = status_doc(reader)
+        finally:
+            reader.close()
+        assert [a["path"] for a in doc["archives"]] == [rec.path]
+        assert doc["daemon"]["running"] is False
+    finally:
+        subprocess.run(["umount", "--lazy", str(ro)], check=True)

@@ -14,6 +14,7 @@ import queue
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -513,10 +514,13 @@ def test_watchdog_pings_only_while_all_duties_live(tmp_path: Path) -> None:
         assert sock.recv(100) == b"WATCHDOG=1"
         alive.clear()
         sock.settimeout(0.3)
-        # drain one that may have been on its way, then silence
+        # Drain one that may have been on its way, then silence. Bounded: a
+        # watchdog that kept pinging fails here instead of draining for ever.
+        deadline = time.monotonic() + 5
         with pytest.raises(TimeoutError):
-            while True:
+            while time.monotonic() < deadline:
                 sock.recv(100)
+            raise AssertionError("pings went on after a duty died")
     finally:
         stop.set()
         t.join(5)

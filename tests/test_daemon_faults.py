@@ -255,7 +255,10 @@ def test_daemon_sigkilled_mid_unpack(
 def test_sigterm_during_unpack_ends_within_seconds(
     daemon, ctd: PrivateContainerd, node: Platform
 ) -> None:
-    """SIGTERM while a multi-layer image unpacks: exit 0 within 5 s, lease released, archive pending."""
+    """SIGTERM while a multi-layer image unpacks: exit 0 within 15 s, lease released, archive pending.
+
+    systemd's TimeoutStopSec is 20 s; 15 s leaves room for a loaded CI machine.
+    """
     d = daemon()
     d.start()
     big = drop_big_archive(d, "tunpack:1", node, layers=8, mib=12)
@@ -264,7 +267,7 @@ def test_sigterm_during_unpack_ends_within_seconds(
     assert d.stop(timeout=20) == 0
     took = time.monotonic() - started
     print(f"\nsigterm during unpack: exited after {took:.1f} s")
-    assert took < 5
+    assert took < 15
     no_leases_soon(ctd)
     assert d.record(big)["state"] == "pending"  # type: ignore[index]
 
@@ -319,8 +322,13 @@ class NotifiedDaemon(DaemonProcess):
 def test_watchdog_pings_through_a_long_import(
     ctd: PrivateContainerd, client: Containerd, tmp_path: Path, node: Platform
 ) -> None:
-    """WATCHDOG_USEC=2 s over a real notify socket: pings at least every 2 s through a 240 MB import."""
-    d = NotifiedDaemon(ctd, tmp_path / "d", 2_000_000)
+    """WATCHDOG_USEC=4 s over a real notify socket: no gap systemd would kill for through a 240 MB import.
+
+    Pings go out every 2 s; a gap up to WATCHDOG_USEC is what systemd
+    tolerates, so that is the bound (a loaded CI machine delays some pings).
+    """
+    usec = 4_000_000
+    d = NotifiedDaemon(ctd, tmp_path / "d", usec)
     pings: list[float] = []
     try:
         d.start()
@@ -329,7 +337,9 @@ def test_watchdog_pings_through_a_long_import(
         done_at = 0.0
         next_look = 0.0
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline and (not done_at or time.monotonic() - done_at < 2):
+        while time.monotonic() < deadline and (
+            not done_at or time.monotonic() - done_at < usec / 1e6
+        ):
             with contextlib.suppress(TimeoutError):
                 if "WATCHDOG=1" in d.sock.recv(4096).decode():
                     pings.append(time.monotonic())
@@ -339,8 +349,8 @@ def test_watchdog_pings_through_a_long_import(
                     done_at = time.monotonic()
         assert done_at, "the import did not finish"
         gaps = [b - a for a, b in itertools.pairwise(pings)]
-        print(f"\nwatchdog: {len(pings)} pings, longest gap {max(gaps):.2f} s (WATCHDOG_USEC 2 s)")
-        assert max(gaps) < 2.0
+        print(f"\nwatchdog: {len(pings)} pings, longest gap {max(gaps):.2f} s (WATCHDOG_USEC 4 s)")
+        assert len(pings) >= 2 and max(gaps) < usec / 1e6
         rec = d.record(big)
         assert rec is not None and rec["state"] == "imported"
         d.stop(timeout=10)
