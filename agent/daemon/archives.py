@@ -526,6 +526,7 @@ class ArchivesDuty:
 
     def _containerd_back(self) -> None:
         """containerd answers again: archives waiting for it are tried at once."""
+        self.heartbeat.beat(busy=True)  # a reconcile asks containerd about every image
         waiting = plan.retry_now(self.records, self.not_before)
         self.not_before = waiting
         self.outage_attempts = 0
