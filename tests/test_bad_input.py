@@ -17,8 +17,6 @@ from agent.containerd import Containerd
 from agent.platforms import Platform
 from tests.helpers import assert_nothing_imported, cri_by_tag
 
-pytestmark = pytest.mark.containerd
-
 
 def _good(node: Platform, size: int = 0) -> bytes:
     files = {"data": os.urandom(size) if size else b"payload\n"}

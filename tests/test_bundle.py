@@ -30,8 +30,6 @@ from agent.sandbox import PrivateContainerd
 from tests.conftest import ROOT, Registry, free_port, wait_for
 from tests.helpers import assert_unpacked, cri_by_tag
 
-pytestmark = pytest.mark.containerd
-
 BASE = samples.Layer({"etc/os-release": b"ID=base\n", "lib/libc": os.urandom(200_000)}, "gzip")
 
 

@@ -24,6 +24,7 @@ def one_line(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def test_cluster_serve_on_a_busy_port() -> None:
+    """`cluster serve` on a port in use exits 1 with one line naming the cause."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -36,6 +37,7 @@ def test_cluster_serve_on_a_busy_port() -> None:
 
 
 def test_run_with_an_images_dir_that_cannot_be_made(tmp_path: Path) -> None:
+    """`run` with an images directory it cannot create exits with one line, no traceback."""
     result = run(
         "run",
         "--images-dir",

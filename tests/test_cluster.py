@@ -22,8 +22,6 @@ from agent import samples
 from agent.platforms import Platform
 from tests.conftest import ROOT, wait_for
 
-pytestmark = pytest.mark.containerd
-
 
 class FixtureServer:
     """Serves Che-shaped JSON/YAML (and lists) from a dict; paths can be made to fail."""

@@ -33,6 +33,7 @@ spec:
 
 
 def test_che_editors_and_samples() -> None:
+    """Images are taken from Che editor devfiles and sample devfiles, skipping components without one."""
     editors = json.dumps(
         [
             {

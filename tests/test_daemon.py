@@ -9,16 +9,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from agent import samples
 from agent.containerd import Containerd
 from agent.platforms import Platform
 from agent.sandbox import PrivateContainerd
 from tests.conftest import ctr, wait_for
 from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked, cri_by_tag
-
-pytestmark = pytest.mark.containerd
 
 
 def make_archive(

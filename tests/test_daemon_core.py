@@ -39,6 +39,7 @@ def test_new_archive_is_pending_and_unchanged_one_keeps_its_state() -> None:
 
 
 def test_gone_and_ignored_files_are_forgotten() -> None:
+    """A file that disappeared or is not ours leaves no record."""
     assert (
         plan.observe(
             Record("/d/a.tar", 1, 1), plan.Observation("/d/a.tar", Kind.ARCHIVE, None), AMD64
@@ -55,6 +56,7 @@ def test_interrupted_import_is_pending_again() -> None:
 
 
 def test_platform_named_archives() -> None:
+    """An archive named for another platform is skipped with that reason; one for ours is imported."""
     skipped = plan.observe(None, obs(named=Platform("linux", "arm64")), AMD64)
     assert (
         skipped is not None and skipped.state is State.SKIPPED and "linux/arm64" in skipped.reason
@@ -64,6 +66,7 @@ def test_platform_named_archives() -> None:
 
 
 def test_same_size_replacement_detected_by_fingerprint() -> None:
+    """An imported archive whose content fingerprint changed is imported again."""
     rec = Record("/d/a.tar", 10, 1, State.IMPORTED, fingerprint="sha256:old")
     assert plan.content_changed(rec, "sha256:old") is rec
     assert plan.content_changed(rec, "sha256:new").state is State.PENDING
@@ -124,6 +127,7 @@ def test_pull_list_is_read_only_once_settled() -> None:
     ],
 )
 def test_classify(name: str, kind: Kind) -> None:
+    """Files are classified by name: archives, pull lists, dotfiles and others ignored."""
     root = Path("/images")
     assert files.classify(root / name, root) is kind
 
@@ -139,6 +143,7 @@ def test_classify(name: str, kind: Kind) -> None:
     ],
 )
 def test_platform_in_name(name: str, platform: Platform | None) -> None:
+    """The platform is read from archive names such as *-linux-arm64.tar.zst."""
     assert files.platform_in_name(name) == platform
 
 
@@ -154,6 +159,7 @@ def test_open_for_writing_sees_a_copy_in_progress(tmp_path: Path) -> None:
 
 
 def test_fingerprint_catches_same_size_change(tmp_path: Path) -> None:
+    """The fingerprint differs for a same-size file whose last byte changed."""
     path = tmp_path / "f"
     path.write_bytes(b"a" * (3 << 20))
     first = files.fingerprint(path)

@@ -32,8 +32,6 @@ from tests.conftest import ROOT, DaemonProcess, ctr, wait_for
 from tests.helpers import assert_no_leases, assert_unpacked, cri_by_tag
 from tests.test_daemon import drop_big_archive, make_archive
 
-pytestmark = pytest.mark.containerd
-
 
 def healthz(d: DaemonProcess) -> tuple[int, str]:
     try:

@@ -25,8 +25,6 @@ from tests.helpers import (
     cri_by_tag,
 )
 
-pytestmark = pytest.mark.containerd
-
 
 def _write(path: Path, data: bytes, compression: str = "none") -> Path:
     with open(path, "wb") as f:

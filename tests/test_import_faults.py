@@ -23,8 +23,6 @@ from agent.sandbox import PrivateContainerd
 from tests.conftest import RELEASE
 from tests.helpers import assert_no_leases, assert_pinned
 
-pytestmark = pytest.mark.containerd
-
 
 class StopAfterApplies(Containerd):
     """The real client, which sets ``stop`` at the n-th layer apply after the stream ended."""
@@ -165,7 +163,7 @@ def test_stop_while_waiting_for_the_cri(client: Containerd) -> None:
     started = time.monotonic()
     with pytest.raises(Cancelled):
         client.cri_wait(never, 60, stop=stop)
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 10.0  # well before the 60 s wait would end
 
 
 @pytest.fixture
@@ -185,6 +183,7 @@ def small_ctd(tmp_path: Path) -> Iterator[PrivateContainerd]:
         c.cleanup()
 
 
+@pytest.mark.containerd  # its containerd comes from small_ctd, not ctd
 def test_full_disk_is_retryable_and_leaves_nothing(
     small_ctd: PrivateContainerd, node: Platform, tmp_path: Path
 ) -> None:

@@ -57,16 +57,19 @@ def test_synthesized_docker_manifest_is_what_ctr_writes() -> None:
     ],
 )
 def test_detect(head: bytes, kind: Compression) -> None:
+    """Outer compression is recognised from the first bytes, not the file name."""
     assert detect(head) is kind
 
 
 @pytest.mark.parametrize("name", ["/etc/passwd", "../x", "a/../../x", "blobs/../../x"])
 def test_unsafe_names_refused(name: str) -> None:
+    """Member names that escape the archive (absolute, ..) are refused."""
     with pytest.raises(ArchiveError):
         safe_name(name)
 
 
 def test_safe_names_cleaned() -> None:
+    """Harmless spellings of a member name (./, //) are cleaned to one canonical form."""
     assert safe_name("./blobs//sha256/ab") == "blobs/sha256/ab"
 
 
@@ -90,6 +93,7 @@ def test_walk_streams_members_of_compressed_tar() -> None:
     ],
 )
 def test_bad_index(doc: bytes, why: str) -> None:
+    """A malformed index.json is an ArchiveError that says what is wrong."""
     with pytest.raises(ArchiveError, match=why):
         layout.parse_index(doc)
 
@@ -107,6 +111,7 @@ def test_image_name_rules() -> None:
 
 
 def test_platforms() -> None:
+    """Platform strings parse with defaults and aliases, and variants match as containerd matches them."""
     assert platforms.parse("arm64") == Platform("linux", "arm64")
     assert platforms.parse("linux/arm64/v8").matches(Platform("linux", "arm64"))
     assert platforms.parse("linux/x86_64") == Platform("linux", "amd64")

@@ -36,6 +36,7 @@ def test_image_puller_images_string() -> None:
 
 
 def test_related_image_variables() -> None:
+    """Che operator RELATED_IMAGE_* variables (plain or exported, quoted) are read as named entries."""
     text = (
         "RELATED_IMAGE_editor_definition_che_code=quay.io/che-incubator/che-code:7.80\n"
         "export RELATED_IMAGE_sample_devfile_go='quay.io/devfile/universal-developer-image@sha256:"
@@ -49,6 +50,7 @@ def test_related_image_variables() -> None:
 
 
 def test_union_keeps_every_source() -> None:
+    """The union of lists keys on the normalized reference and keeps every file:line that wants it."""
     a, _ = lists.parse("alpine\n", "a.txt")
     b, _ = lists.parse("docker.io/library/alpine:latest\nbusybox\n", "b.txt")
     u = lists.union(a, b)

@@ -16,7 +16,7 @@ from agent.sandbox import PrivateContainerd
 from tests.conftest import ROOT
 from tests.helpers import cri_by_tag
 
-pytestmark = [pytest.mark.containerd, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,12 @@ import os
 import time
 from pathlib import Path
 
-import pytest
-
 from agent import samples
 from agent.containerd import Containerd
 from agent.importer import PINNED_LABEL
 from agent.platforms import Platform
 from tests.conftest import Registry, wait_for
 from tests.helpers import assert_pinned, cri_by_tag
-
-pytestmark = pytest.mark.containerd
 
 
 def oci(tmp_path: Path, name: str, node: Platform, payload: bytes = b"") -> Path:

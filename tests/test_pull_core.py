@@ -43,6 +43,7 @@ def test_auth_file_matching_and_secrets_hidden(tmp_path: Path) -> None:
     [("{", "not valid JSON"), ("{}", "auths"), ('{"auths": {"r": {"auth": "%%%"}}}', "base64")],
 )
 def test_bad_auth_file(tmp_path: Path, doc: str, why: str) -> None:
+    """An unusable --auth-file is a usage error that says what is wrong with it."""
     path = tmp_path / "c.json"
     path.write_text(doc)
     with pytest.raises(UsageError, match=why):
@@ -111,6 +112,7 @@ def test_classify(err: ContainerdError, permanent: bool, prefix: str) -> None:
 
 
 def test_retry_delay_is_capped_exponential_with_jitter() -> None:
+    """Retries back off exponentially with jitter, capped; permanent failures wait much longer."""
     rng = random.Random(1)
     transient = [retry_delay(n, False, rng) for n in range(1, 12)]
     assert 1.6 <= transient[0] <= 2.4 and 3.2 <= transient[1] <= 4.8
@@ -119,5 +121,6 @@ def test_retry_delay_is_capped_exponential_with_jitter() -> None:
 
 
 def test_durations_and_digest_refs() -> None:
+    """Durations take units; digest references are told apart from tags (pulled once, not refreshed)."""
     assert parse_duration("30m") == 1800 and parse_duration("1h") == 3600
     assert is_digest_ref("alpine@sha256:" + "a" * 64) and not is_digest_ref("alpine:3")

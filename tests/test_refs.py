@@ -48,6 +48,7 @@ def test_invalid(text: str, why: str) -> None:
 
 
 def test_familiar_and_digest_form() -> None:
+    """A short name prints as users wrote it and gains a digest in canonical form."""
     ref = refs.parse("alpine:3")
     assert ref.familiar == "alpine:3"
     assert (
