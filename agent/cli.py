@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(imp, config.ContainerdConfig)
     config.add_arguments(imp, config.ArchiveConfig)
+    config.add_arguments(imp, config.ImportConfig)
 
     images = sub.add_parser("images", help="list images as the kubelet sees them (CRI)")
     images.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(run, config.ContainerdConfig)
     config.add_arguments(run, config.LogConfig)
     config.add_arguments(run, config.ArchiveConfig)
+    config.add_arguments(run, config.ImportConfig)
 
     status = sub.add_parser("status", help="the daemon's health and every archive's state")
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -265,7 +267,15 @@ def _import_options(args: argparse.Namespace, cfg: config.ContainerdConfig) -> I
         platforms=wanted,
         pin=not args.no_pin,
         base_name=args.base_name,
+        unpack_concurrency=_unpack_concurrency(args),
     )
+
+
+def _unpack_concurrency(args: argparse.Namespace) -> int:
+    n = config.resolve(config.ImportConfig, args).unpack_concurrency
+    if n < 1:
+        raise UsageError(f"--unpack-concurrency / IMAGE_AGENT_UNPACK_CONCURRENCY: {n} is below 1")
+    return n
 
 
 def cmd_import(args: argparse.Namespace, stop: threading.Event) -> int:
@@ -441,7 +451,12 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
     log = logs.get()
     client, ccfg = _client(args)
     wanted = _daemon_platforms(dcfg.platforms)
-    options = ImportOptions(snapshotter=ccfg.snapshotter, unpack=dcfg.unpack, platforms=wanted)
+    options = ImportOptions(
+        snapshotter=ccfg.snapshotter,
+        unpack=dcfg.unpack,
+        platforms=wanted,
+        unpack_concurrency=_unpack_concurrency(args),
+    )
     importer = Importer(client, options, stop=stop, lease_labels={OWNER_LABEL: OWNER})
     settings = Settings(
         images_dir=Path(dcfg.images_dir),

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from agent.archive import layout
@@ -60,7 +60,10 @@ class Ingest:
         progress: ProgressFn | None = None,
         file: str = "",
         size: int = 0,
+        on_blob: Callable[[str, str, int, Compression], None] | None = None,
     ) -> None:
+        # Told (archive path, digest, size, compression) of each blob once it is in the store.
+        self.on_blob = on_blob
         self.store = store
         self.lease = lease
         self.stop = stop
@@ -127,13 +130,16 @@ class Ingest:
         if digest is not None and self.known(digest):
             # Present already: only sniff the first bytes, skip the rest.
             self.by_path[name] = (digest, member.size)
-            self._sniffed(digest, member.size, data.read(512))
+            self._sniffed(digest, member.size, data.read(512), name)
             return
         if member.size <= layout.MAX_JSON:
             body = read_limited(data, layout.MAX_JSON, name)
             self._store_small(name, digest or layout.sha256(body), body, expected=digest)
             return
         self.by_path[name] = (self._write(data, member, expected=digest or ""), member.size)
+        digest, size = self.by_path[name]
+        if self.on_blob is not None:
+            self.on_blob(name, digest, size, self.compression_of(digest))
 
     def _store_small(
         self, name: str, digest: str, body: bytes, expected: str | None = None
@@ -149,16 +155,18 @@ class Ingest:
             self.store.write_blob([body], lease=self.lease, total=len(body), expected=digest)
             self.present.add(digest)
             self.blobs_written += 1
-        self._sniffed(digest, len(body), body[:512])
+        self._sniffed(digest, len(body), body[:512], name)
         if self.eager and body.startswith(b"{") and b'"rootfs"' in body:
             self.eager.image_boundary()
 
-    def _sniffed(self, digest: str, size: int, head: bytes) -> None:
-        """Record a blob's compression; hand layers to the eager unpacker."""
+    def _sniffed(self, digest: str, size: int, head: bytes, name: str = "") -> None:
+        """Record a blob's compression; hand layers to the eager unpacker and ``on_blob``."""
         compression = detect(head)
         self.compression.setdefault(digest, compression)
         if self.eager and looks_like_layer(head, compression):
             self.eager.layer(compression, digest, size)
+        if name and self.on_blob is not None:
+            self.on_blob(name, digest, size, compression)
 
     def _write(self, data: Reader, member: Member, *, expected: str) -> str:
         head: list[bytes] = []
