@@ -73,11 +73,7 @@ class Commit:
     def run(self, plan: Resolution, *, unpacked: set[str] | None = None) -> list[ImportedImage]:
         """Label, unpack and record ``plan``; ``unpacked``: ChainIDs committed already."""
         with self.timeline.phase("synthesized", count=len(plan.synthesized)):
-            for digest, body in plan.synthesized.items():
-                if self.store.blob_info(digest) is None:
-                    self.store.write_blob(
-                        [body], lease=self.lease, total=len(body), expected=digest
-                    )
+            self._each(self._write_synthesized(plan.synthesized), list(plan.synthesized))
         with self.timeline.phase("labels"):
             self.label(plan.images)
         if self.unpacker is not None:
@@ -85,6 +81,15 @@ class Commit:
                 self.unpack_all(self.unpacker, plan.images, unpacked or set())
         with self.timeline.phase("records", images=len(plan.images)):
             return self.records(plan.images)
+
+    def _write_synthesized(self, bodies: dict[str, bytes]) -> Callable[[str], None]:
+        def write(digest: str) -> None:
+            check_stop(self.stop)
+            body = bodies[digest]
+            if self.store.blob_info(digest) is None:
+                self.store.write_blob([body], lease=self.lease, total=len(body), expected=digest)
+
+        return write
 
     # -- labels ----------------------------------------------------------------
 

@@ -24,13 +24,22 @@ whole import runs) are not pre-scanned.
 
 from __future__ import annotations
 
+import gzip
+import io
+import os
+import posixpath
+import tarfile
 import threading
-from collections.abc import Callable
-from typing import BinaryIO
+import zlib
+from collections.abc import Callable, Iterator
+from typing import IO, BinaryIO, cast
 
-from agent.archive import layout
+import lz4.frame
+import zstandard
+
+from agent.archive import layout, limits
 from agent.archive.compression import Compression, detect, zstd_window
-from agent.archive.tarstream import walk
+from agent.archive.tarstream import HeaderGuard, Member, safe_name
 from agent.errors import AgentError, ArchiveError, Cancelled
 from agent.importer.ingest import _LAYOUT_DOCS, check_stop, read_limited
 from agent.importer.model import BUNDLE_CONTENTS, ImportOptions, Resolution
@@ -41,6 +50,18 @@ from agent.importer.trace import QUIET, Timeline
 BUDGET = 16 << 20
 # The largest zstd window pre-scanned (a second decompressor holds one).
 MAX_WINDOW = 32 << 20
+# Read and skip in blocks this size: the pass keeps little memory besides the window.
+SCAN_BUFFER = 64 << 10
+# What a damaged archive makes the decompressors and tarfile raise.
+_DAMAGE = (
+    EOFError,
+    OSError,
+    ValueError,
+    RuntimeError,
+    zlib.error,
+    zstandard.ZstdError,
+    tarfile.TarError,
+)
 
 
 def worth_it(head: bytes) -> bool:
@@ -54,16 +75,58 @@ def worth_it(head: bytes) -> bool:
     return True
 
 
-class _Stoppable:
+class _Stoppable(io.RawIOBase):
     """A file whose reads raise Cancelled once ``stop`` is set (a skipped body is read too)."""
 
     def __init__(self, raw: BinaryIO, stop: threading.Event) -> None:
+        super().__init__()
         self.raw = raw
         self.stop = stop
 
-    def read(self, size: int = -1, /) -> bytes:
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         check_stop(self.stop, "pre-scan")
-        return self.raw.read(size)
+        data = self.raw.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _members(raw: _Stoppable, head: bytes) -> Iterator[tuple[Member, IO[bytes] | None]]:
+    """The tar's members with readers for regular files, read in small blocks.
+
+    The same header checks as the import's own pass (:class:`HeaderGuard`),
+    with buffers a sixteenth the size: bodies are skipped, not kept.
+    """
+    kind = detect(head)
+    file = cast(IO[bytes], raw)
+    source: IO[bytes]
+    if kind is Compression.ZSTD:
+        decoder = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW)
+        source = decoder.stream_reader(file, read_size=SCAN_BUFFER, read_across_frames=True)
+    elif kind is Compression.GZIP:
+        source = cast(IO[bytes], gzip.GzipFile(fileobj=file, mode="rb"))
+    elif kind is Compression.LZ4:
+        source = lz4.frame.LZ4FrameFile(file, mode="rb")
+    elif kind is Compression.NONE:
+        source = file
+    else:
+        raise ArchiveError(f"not pre-scanned: {kind.value}")
+    limits.begin_archive()
+    tar = tarfile.open(
+        fileobj=HeaderGuard(source, limits.current()), mode="r|", bufsize=SCAN_BUFFER
+    )
+    for info in tar:
+        tar.members = []  # type: ignore[attr-defined]  # stream mode would keep every header
+        name = safe_name(info.name)
+        if info.isreg():
+            yield Member(name, info.size, "file"), tar.extractfile(info)
+        elif info.issym():
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), info.linkname))
+            yield Member(name, 0, "link", safe_name(target, what="link target")), None
+        elif info.islnk():
+            yield Member(name, 0, "link", safe_name(info.linkname, what="link target")), None
 
 
 class _Seen:
@@ -138,11 +201,12 @@ class Prescan:
         with self.timeline.phase("prescan"):
             try:
                 with open_regular(self.path) as f:
-                    plan = self._scan(_Stoppable(f, self.stop))  # type: ignore[arg-type]
+                    head = os.pread(f.fileno(), 64, 0)
+                    plan = self._scan(_members(_Stoppable(f, self.stop), head))
             except Cancelled:
                 self.outcome = "stopped"
                 return
-            except AgentError as err:
+            except (AgentError, *_DAMAGE) as err:
                 self.outcome = f"failed: {err}"
                 return
             if plan is None:
@@ -151,10 +215,10 @@ class Prescan:
             self.outcome = "resolved"
         self.found(plan)
 
-    def _scan(self, raw: BinaryIO) -> Resolution | None:
+    def _scan(self, members: Iterator[tuple[Member, IO[bytes] | None]]) -> Resolution | None:
         seen = _Seen()
         metadata_seen = tried_early = False
-        for member, data in walk(raw):
+        for member, data in members:
             check_stop(self.stop, "pre-scan")
             name = member.name
             if member.kind == "link":
