@@ -153,6 +153,11 @@ def main() -> int:
     parser.add_argument(
         "--bundle", type=int, metavar="N", help="a site bundle of N images on a shared base"
     )
+    parser.add_argument(
+        "--light",
+        action="store_true",
+        help="with --bundle: a tenth of the data per image (for many images)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating who goes first")
     parser.add_argument(
         "--trace", type=Path, metavar="FILE", help="also trace one import's phases into FILE"
@@ -167,7 +172,11 @@ def main() -> int:
     if args.archive:
         archive = args.archive
     elif args.bundle:
-        archive = gen.make_bundle(OUT / f"bundle-{args.bundle}.tar.zst", OUT / "work", args.bundle)
+        app = gen.BUNDLE_APP_SMALL if args.light else gen.BUNDLE_APP
+        light = "-light" if args.light else ""
+        archive = gen.make_bundle(
+            OUT / f"bundle-{args.bundle}{light}.tar.zst", OUT / "work", args.bundle, app
+        )
     elif args.small:
         small = tuple(
             gen.LayerSpec(s.small_files // 10, s.big_files, s.big_size // 10)

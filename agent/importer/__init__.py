@@ -211,7 +211,7 @@ class Importer:
             unpacked = early.done_ids()
         with timeline.phase("resolve"):
             plan = resolve(ingest.docs, ingest, self.options, self.stop)
-        images = commit.run(plan, unpacked=unpacked)
+        images = commit.run(plan, unpacked=unpacked, fresh=ingest.written)
         return ImportResult(
             file=name,
             images=images,

@@ -70,12 +70,22 @@ class Commit:
         self.created: list[str] = []
         self.moved: list[ImageRecord] = []
 
-    def run(self, plan: Resolution, *, unpacked: set[str] | None = None) -> list[ImportedImage]:
-        """Label, unpack and record ``plan``; ``unpacked``: ChainIDs committed already."""
+    def run(
+        self,
+        plan: Resolution,
+        *,
+        unpacked: set[str] | None = None,
+        fresh: set[str] | None = None,
+    ) -> list[ImportedImage]:
+        """Label, unpack and record ``plan``.
+
+        ``unpacked``: ChainIDs committed already; ``fresh``: blobs this import
+        wrote, which carry no labels yet (no need to read them first).
+        """
         with self.timeline.phase("synthesized", count=len(plan.synthesized)):
             self._each(self._write_synthesized(plan.synthesized), list(plan.synthesized))
         with self.timeline.phase("labels"):
-            self.label(plan.images)
+            self.label(plan.images, fresh or set())
         if self.unpacker is not None:
             with self.timeline.phase("unpack", concurrency=self.options.unpack_concurrency):
                 self.unpack_all(self.unpacker, plan.images, unpacked or set())
@@ -93,7 +103,7 @@ class Commit:
 
     # -- labels ----------------------------------------------------------------
 
-    def label(self, images: list[ImagePlan]) -> None:
+    def label(self, images: list[ImagePlan], fresh: set[str] | None = None) -> None:
         """GC references, uncompressed digests and distribution sources, blob by blob.
 
         With unpacking on, each config also gets its GC reference to the
@@ -122,7 +132,7 @@ class Commit:
             check_stop(self.stop)
             labels = wanted[digest]
             if sources.get(digest):
-                info = self.store.blob_info(digest)
+                info = None if digest in (fresh or ()) else self.store.blob_info(digest)
                 have = info.labels if info is not None else {}
                 for key, repos in sources[digest].items():
                     labels[key] = merge_sources(have.get(key, ""), *repos)

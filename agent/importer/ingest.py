@@ -74,6 +74,8 @@ class Ingest:
         self.started = time.monotonic()
         self.docs: dict[str, bytes] = {}
         self.present: set[str] = set()
+        # Written by this import: no labels on them but the ones it sets.
+        self.written: set[str] = set()
         self.by_path: dict[str, tuple[str, int]] = {}
         self.links: dict[str, str] = {}
         self.compression: dict[str, Compression] = {}
@@ -154,6 +156,7 @@ class Ingest:
         if not self.known(digest):
             self.store.write_blob([body], lease=self.lease, total=len(body), expected=digest)
             self.present.add(digest)
+            self.written.add(digest)
             self.blobs_written += 1
         self._sniffed(digest, len(body), body[:512], name)
         if self.eager and body.startswith(b"{") and b'"rootfs"' in body:
@@ -195,6 +198,7 @@ class Ingest:
                 ) from None
             raise
         self.present.add(digest)
+        self.written.add(digest)
         self.blobs_written += 1
         self._sniffed(digest, member.size, head[0] if head else b"")
         return digest
