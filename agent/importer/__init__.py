@@ -196,22 +196,28 @@ class Importer:
         try:
             with timeline.phase("stream"):
                 ingest.run(raw)
+            if scan is not None:
+                scan.close()
+                timeline.event("prescan outcome", outcome=scan.outcome)
+            with timeline.phase("resolve"):
+                plan = resolve(ingest.docs, ingest, self.options, self.stop)
+
+            def settle() -> set[str]:
+                """Let the early unpacker finish what it can; the ChainIDs it committed."""
+                if early is None:
+                    return set()
+                with timeline.phase("early unpack tail"):
+                    early.finish()
+                return early.done_ids()
+
+            # Labels are written while the early unpacker still applies.
+            images = commit.run(plan, settle=settle, fresh=ingest.written)
         except BaseException:
             if scan is not None:
                 scan.close()
             if early is not None:
                 early.finish(cancel=True)
             raise
-        unpacked: set[str] = set()
-        if scan is not None and early is not None:
-            scan.close()
-            timeline.event("prescan outcome", outcome=scan.outcome)
-            with timeline.phase("early unpack tail"):
-                early.finish()
-            unpacked = early.done_ids()
-        with timeline.phase("resolve"):
-            plan = resolve(ingest.docs, ingest, self.options, self.stop)
-        images = commit.run(plan, unpacked=unpacked, fresh=ingest.written)
         return ImportResult(
             file=name,
             images=images,

@@ -74,13 +74,14 @@ class Commit:
         self,
         plan: Resolution,
         *,
-        unpacked: set[str] | None = None,
+        settle: Callable[[], set[str]] | None = None,
         fresh: set[str] | None = None,
     ) -> list[ImportedImage]:
         """Label, unpack and record ``plan``.
 
-        ``unpacked``: ChainIDs committed already; ``fresh``: blobs this import
-        wrote, which carry no labels yet (no need to read them first).
+        ``settle``, called once labels are set, waits for unpacking begun
+        earlier and returns the ChainIDs it committed; ``fresh``: blobs this
+        import wrote, which carry no labels yet (no need to read them first).
         """
         with self.timeline.phase("synthesized", count=len(plan.synthesized)):
             self._each(self._write_synthesized(plan.synthesized), list(plan.synthesized))
@@ -88,7 +89,7 @@ class Commit:
             self.label(plan.images, fresh or set())
         if self.unpacker is not None:
             with self.timeline.phase("unpack", concurrency=self.options.unpack_concurrency):
-                self.unpack_all(self.unpacker, plan.images, unpacked or set())
+                self.unpack_all(self.unpacker, plan.images, settle() if settle else set())
         with self.timeline.phase("records", images=len(plan.images)):
             return self.records(plan.images)
 
