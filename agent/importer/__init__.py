@@ -163,9 +163,16 @@ class Importer:
         self, raw: BinaryIO, name: str, size: int, lease: str, commit: Commit, reread: str
     ) -> ImportResult:
         timeline = commit.timeline
-        eager = early = scan = None
-        on_blob = None
+        early = scan = None
         concurrency = self.options.unpack_concurrency
+        ingest = Ingest(
+            self.client,
+            lease,
+            stop=self.stop,
+            progress=self.progress,
+            file=name,
+            size=size,
+        )
         if commit.unpacker is not None and reread and concurrency > 1:
             early = ParallelUnpack(
                 commit.unpacker,
@@ -177,22 +184,14 @@ class Importer:
                 timeline=timeline,
                 name="early-unpack",
             )
-            on_blob = _provider(early)
-            scan = prescan.Prescan(reread, self.options, _planner(early), timeline=timeline)
+            ingest.on_blob = _provider(early)
+            scan = prescan.Prescan(
+                reread, self.options, _planner(early, ingest, commit), timeline=timeline
+            )
         elif commit.unpacker is not None:
-            eager = EagerUnpacker(
+            ingest.eager = EagerUnpacker(
                 commit.unpacker, self.options.snapshotter, lease, self.stop, timeline
             )
-        ingest = Ingest(
-            self.client,
-            lease,
-            stop=self.stop,
-            eager=eager,
-            progress=self.progress,
-            file=name,
-            size=size,
-            on_blob=on_blob,
-        )
         try:
             with timeline.phase("stream"):
                 ingest.run(raw)
@@ -211,7 +210,7 @@ class Importer:
                 return early.done_ids()
 
             # Labels are written while the early unpacker still applies.
-            images = commit.run(plan, settle=settle, fresh=ingest.written)
+            images = commit.run(plan, settle=settle, written=ingest.written)
         except BaseException:
             if scan is not None:
                 scan.close()
@@ -254,8 +253,13 @@ class Importer:
             return sorted(expect)
 
 
-def _planner(early: ParallelUnpack) -> Callable[[Resolution], None]:
-    """Hand the chains a pre-scan found to the early unpacker, image by image."""
+def _planner(early: ParallelUnpack, ingest: Ingest, commit: Commit) -> Callable[[Resolution], None]:
+    """Put a pre-scan's plan to work while the archive streams.
+
+    The chains go to the early unpacker, image by image; blobs still to
+    come are written with their labels; the manifests docker archives lack
+    are written now.
+    """
 
     def found(plan: Resolution) -> None:
         selected = [s for image in plan.images for s in image.selected]
@@ -267,6 +271,9 @@ def _planner(early: ParallelUnpack) -> Callable[[Resolution], None]:
                     for layer, diff_id in zip(sel.doc.layers, sel.config.diff_ids, strict=True)
                 ],
             )
+        ingest.planned = commit.planned_labels(plan.images)
+        with commit.timeline.phase("early manifests", count=len(plan.synthesized)):
+            commit.write_early(plan, ingest.written)
 
     return found
 

@@ -75,43 +75,73 @@ class Commit:
         plan: Resolution,
         *,
         settle: Callable[[], set[str]] | None = None,
-        fresh: set[str] | None = None,
+        written: dict[str, dict[str, str]] | None = None,
     ) -> list[ImportedImage]:
         """Label, unpack and record ``plan``.
 
         ``settle``, called once labels are set, waits for unpacking begun
-        earlier and returns the ChainIDs it committed; ``fresh``: blobs this
-        import wrote, which carry no labels yet (no need to read them first).
+        earlier and returns the ChainIDs it committed. ``written``: the blobs
+        this import wrote, with the labels they were written with (they
+        carry no others, so need not be read, and are not labelled again
+        with the same).
         """
+        written = written if written is not None else {}
+        wanted = self.planned_labels(plan.images)
         with self.timeline.phase("synthesized", count=len(plan.synthesized)):
-            self._each(self._write_synthesized(plan.synthesized), list(plan.synthesized))
+            write = self._write_synthesized(plan.synthesized, wanted, written)
+            self._each(write, list(plan.synthesized))
         with self.timeline.phase("labels"):
-            self.label(plan.images, fresh or set())
+            self.label(plan.images, written)
         if self.unpacker is not None:
             with self.timeline.phase("unpack", concurrency=self.options.unpack_concurrency):
                 self.unpack_all(self.unpacker, plan.images, settle() if settle else set())
         with self.timeline.phase("records", images=len(plan.images)):
             return self.records(plan.images)
 
-    def _write_synthesized(self, bodies: dict[str, bytes]) -> Callable[[str], None]:
+    def _write_synthesized(
+        self,
+        bodies: dict[str, bytes],
+        wanted: dict[str, dict[str, str]],
+        written: dict[str, dict[str, str]],
+    ) -> Callable[[str], None]:
         def write(digest: str) -> None:
             check_stop(self.stop)
+            if digest in written:
+                return  # written early, from the pre-scan's plan
             body = bodies[digest]
             if self.store.blob_info(digest) is None:
-                self.store.write_blob([body], lease=self.lease, total=len(body), expected=digest)
+                labels = wanted.get(digest, {})
+                self.store.write_blob(
+                    [body], lease=self.lease, total=len(body), expected=digest, labels=labels
+                )
+                written[digest] = labels
 
         return write
 
+    def write_early(self, plan: Resolution, written: dict[str, dict[str, str]]) -> None:
+        """Write a pre-scan plan's manifests, labelled, while the archive still streams.
+
+        Only manifests whose layers the archive names by digest: a manifest
+        is addressed by its own digest, so one that the final plan does not
+        make is left unreferenced, for containerd to collect.
+        """
+        wanted = self.planned_labels(plan.images)
+        for digest, body in plan.synthesized.items():
+            check_stop(self.stop)
+            if b'"path:' in body or self.store.blob_info(digest) is not None:
+                continue
+            labels = wanted.get(digest, {})
+            self.store.write_blob(
+                [body], lease=self.lease, total=len(body), expected=digest, labels=labels
+            )
+            written[digest] = labels
+
     # -- labels ----------------------------------------------------------------
 
-    def label(self, images: list[ImagePlan], fresh: set[str] | None = None) -> None:
-        """GC references, uncompressed digests and distribution sources, blob by blob.
-
-        With unpacking on, each config also gets its GC reference to the
-        top snapshot of its chain here, in the same call (the chain is
-        unpacked before the lease that holds it goes). Blobs are labelled
-        several at a time: each is its own round trip.
-        """
+    def _wanted(
+        self, images: list[ImagePlan]
+    ) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, set[str]]]]:
+        """Labels each blob gets, and the distribution sources to merge into them."""
         wanted: dict[str, dict[str, str]] = defaultdict(dict)
         sources: dict[str, dict[str, set[str]]] = defaultdict(lambda: defaultdict(set))
         snapshot_key = f"{GC_SNAPSHOT}.{self.options.snapshotter}"
@@ -128,15 +158,37 @@ class Commit:
                     if sel.config.diff_ids:
                         top = layout.chain_ids(sel.config.diff_ids)[-1]
                         wanted[sel.doc.config.digest][snapshot_key] = top
+        return wanted, sources
+
+    def planned_labels(self, images: list[ImagePlan]) -> dict[str, dict[str, str]]:
+        """The labels of each blob of ``images``, for a blob that carries none yet."""
+        wanted, sources = self._wanted(images)
+        for digest, keys in sources.items():
+            for key, repos in keys.items():
+                wanted[digest][key] = merge_sources("", *repos)
+        return dict(wanted)
+
+    def label(self, images: list[ImagePlan], written: dict[str, dict[str, str]]) -> None:
+        """GC references, uncompressed digests and distribution sources, blob by blob.
+
+        With unpacking on, each config also gets its GC reference to the
+        top snapshot of its chain here, in the same call (the chain is
+        unpacked before the lease that holds it goes). Blobs are labelled
+        several at a time: each is its own round trip. A blob this import
+        wrote with exactly these labels is left as it is.
+        """
+        wanted, sources = self._wanted(images)
 
         def one(digest: str) -> None:
             check_stop(self.stop)
             labels = wanted[digest]
             if sources.get(digest):
-                info = None if digest in (fresh or ()) else self.store.blob_info(digest)
+                info = None if digest in written else self.store.blob_info(digest)
                 have = info.labels if info is not None else {}
                 for key, repos in sources[digest].items():
                     labels[key] = merge_sources(have.get(key, ""), *repos)
+            if written.get(digest) == labels:
+                return
             self.store.label_blob(digest, labels)
 
         self._each(one, list(wanted))

@@ -74,8 +74,10 @@ class Ingest:
         self.started = time.monotonic()
         self.docs: dict[str, bytes] = {}
         self.present: set[str] = set()
-        # Written by this import: no labels on them but the ones it sets.
-        self.written: set[str] = set()
+        # Written by this import, with the labels written with them (no others).
+        self.written: dict[str, dict[str, str]] = {}
+        # Labels to write blobs with, once a pre-scan has planned them.
+        self.planned: dict[str, dict[str, str]] = {}
         self.by_path: dict[str, tuple[str, int]] = {}
         self.links: dict[str, str] = {}
         self.compression: dict[str, Compression] = {}
@@ -154,9 +156,12 @@ class Ingest:
             self.cache[digest] = body
             self.cached_bytes += len(body)
         if not self.known(digest):
-            self.store.write_blob([body], lease=self.lease, total=len(body), expected=digest)
+            labels = self.planned.get(digest, {})
+            self.store.write_blob(
+                [body], lease=self.lease, total=len(body), expected=digest, labels=labels
+            )
             self.present.add(digest)
-            self.written.add(digest)
+            self.written[digest] = labels
             self.blobs_written += 1
         self._sniffed(digest, len(body), body[:512], name)
         if self.eager and body.startswith(b"{") and b'"rootfs"' in body:
@@ -187,9 +192,10 @@ class Ingest:
                 yield chunk
                 self.report()
 
+        labels = self.planned.get(expected, {}) if expected else {}
         try:
             digest = self.store.write_blob(
-                chunks(), lease=self.lease, total=member.size, expected=expected
+                chunks(), lease=self.lease, total=member.size, expected=expected, labels=labels
             )
         except ContainerdError as err:
             if err.code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT"):
@@ -198,7 +204,7 @@ class Ingest:
                 ) from None
             raise
         self.present.add(digest)
-        self.written.add(digest)
+        self.written[digest] = labels
         self.blobs_written += 1
         self._sniffed(digest, member.size, head[0] if head else b"")
         return digest

@@ -212,8 +212,13 @@ class Prescan:
             if plan is None:
                 self.outcome = "no plan"
                 return
-            self.outcome = "resolved"
-        self.found(plan)
+        try:
+            self.found(plan)
+        except (AgentError, Cancelled) as err:
+            # The import meets (and reports) the same problem itself.
+            self.outcome = f"plan not used: {err}"
+            return
+        self.outcome = "resolved"
 
     def _scan(self, members: Iterator[tuple[Member, IO[bytes] | None]]) -> Resolution | None:
         seen = _Seen()
