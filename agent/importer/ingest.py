@@ -22,7 +22,7 @@ from agent.eager import EagerUnpacker, looks_like_layer
 from agent.errors import ArchiveError, Cancelled, ContainerdError
 from agent.importer.model import BUNDLE_CONTENTS, Progress, ProgressFn
 
-CHUNK = 1 << 20
+CHUNK = 512 << 10
 # Small JSON blobs kept in memory so that manifests and configs need not be
 # read back from containerd; past this budget they are.
 CACHE_BUDGET = 16 << 20
