@@ -75,16 +75,18 @@ def ours(address: str, archive: Path, extra: tuple[str, ...] = ()) -> Run:
     return run_measured([sys.executable, "-m", "agent", "import", *extra, str(archive)], env=env)
 
 
-def traced(archive: Path, out: Path, extra: tuple[str, ...] = ()) -> None:
-    """One more import, into a fresh containerd, with its timeline (debug events) in ``out``."""
+def traced(archive: Path, out: Path, extra: tuple[str, ...] = (), *, prescan: bool = True) -> None:
+    """One more import, into a fresh containerd, with its timeline (debug events) in ``out``.
+
+    Without ``prescan`` the archive is read as from a pipe (bench.stream_import).
+    """
     subprocess.run(["sync"], check=True)
     c = fresh("trace")
+    command = ["agent", "import", *extra] if prescan else ["bench.stream_import"]
     try:
         env = dict(os.environ, CONTAINERD_ADDRESS=c.address, IMAGE_AGENT_LOG_LEVEL="debug")
         with open(out, "wb") as f:
-            run = run_measured(
-                [sys.executable, "-m", "agent", "import", *extra, str(archive)], env=env, stderr=f
-            )
+            run = run_measured([sys.executable, "-m", *command, str(archive)], env=env, stderr=f)
     finally:
         c.cleanup()
     print(f"traced import: {run.seconds:.2f}s, peak RSS {run.peak_rss_mib:.1f} MiB -> {out}")
@@ -166,6 +168,11 @@ def main() -> int:
         "--only-trace", action="store_true", help="with --trace: the traced import only"
     )
     parser.add_argument(
+        "--no-prescan",
+        action="store_true",
+        help="with --trace: import as from a pipe, without the metadata pre-scan",
+    )
+    parser.add_argument(
         "--agent-args", default="", help="extra options for image-agent import (space-separated)"
     )
     args = parser.parse_args()
@@ -191,7 +198,7 @@ def main() -> int:
     )  # warm the page cache
     extra = tuple(args.agent_args.split())
     if args.trace:
-        traced(archive, args.trace, extra)
+        traced(archive, args.trace, extra, prescan=not args.no_prescan)
         if args.only_trace:
             return 0
 
