@@ -8,6 +8,12 @@ A snapshot is named by its ChainID, which follows from the actual layer
 contents, so a guess is either exactly right, and the authoritative unpack
 afterwards finds the snapshot and skips it, or names a chain nobody asks
 for, which the import's lease holds until containerd collects it.
+
+This guess serves archives read as a stream (and ``--unpack-concurrency
+1``). For a regular file the importer knows the chains before the layers
+arrive (:mod:`agent.importer.prescan`) and applies them exactly
+(:mod:`agent.importer.unpack`): in a many-image bundle the arrival-order
+guess is wrong from the second image on.
 """
 
 from __future__ import annotations

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 
 import pytest
 
+from agent import cli, config
 from agent._proto.containerd.types import mount_pb2
 from agent.archive.layout import Descriptor, chain_id
 from agent.containerd.content import Blob
 from agent.eager import LayerStore
-from agent.errors import ArchiveError
+from agent.errors import ArchiveError, UsageError
+from agent.importer import ImportOptions
 from agent.importer.unpack import ChainGraph, ChainLayer, Node, ParallelUnpack
 
 
@@ -217,3 +222,36 @@ def test_a_failure_stops_the_unpack_and_is_raised() -> None:
     with pytest.raises(ArchiveError, match="unpacks to"):
         run.finish()
     assert layers.committed == ["diff-base"]
+
+
+def test_concurrency_setting_flag_environment_and_default(tmp_path: Path) -> None:
+    """--unpack-concurrency wins over IMAGE_AGENT_UNPACK_CONCURRENCY, which wins over the cores;
+    below 1 is a usage error before anything is imported."""
+
+    def concurrency(argv: list[str], env: dict[str, str]) -> int:
+        args = cli.build_parser().parse_args(["import", *argv, str(tmp_path / "x.tar")])
+        with mock_env(env):
+            return cli._import_options(args, config.ContainerdConfig()).unpack_concurrency
+
+    assert concurrency([], {}) == len(os.sched_getaffinity(0))
+    assert ImportOptions().unpack_concurrency == len(os.sched_getaffinity(0))
+    assert concurrency([], {"IMAGE_AGENT_UNPACK_CONCURRENCY": "1"}) == 1
+    assert concurrency(["--unpack-concurrency", "5"], {"IMAGE_AGENT_UNPACK_CONCURRENCY": "1"}) == 5
+    with pytest.raises(UsageError, match="unpack-concurrency"):
+        concurrency(["--unpack-concurrency", "0"], {})
+    with pytest.raises(UsageError, match="not a valid int"):
+        concurrency([], {"IMAGE_AGENT_UNPACK_CONCURRENCY": "many"})
+
+
+@contextlib.contextmanager
+def mock_env(env: dict[str, str]) -> Iterator[None]:
+    """The process environment with only ``env``'s unpack setting, restored afterwards."""
+    key = "IMAGE_AGENT_UNPACK_CONCURRENCY"
+    before = os.environ.pop(key, None)
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
+        if before is not None:
+            os.environ[key] = before

@@ -10,6 +10,11 @@ Three steps, each its own module:
 - :mod:`~agent.importer.commit` labels the content, unpacks the layers and
   writes the image records, last.
 
+Beside them, :mod:`~agent.importer.prescan` reads a regular file a second
+time for its metadata only, so that :mod:`~agent.importer.unpack` applies
+layer chains, independent ones in parallel, while the archive streams;
+:mod:`~agent.importer.trace` logs where the time goes (at debug level).
+
 Only then is the lease released; an import that fails at any point leaves
 no image record (tags it moved are moved back) and lets containerd collect
 what it wrote.
