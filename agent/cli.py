@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_arguments(imp, config.ContainerdConfig)
     config.add_arguments(imp, config.ArchiveConfig)
+    config.add_arguments(imp, config.ImportConfig)
 
     images = sub.add_parser("images", help="list images as the kubelet sees them (CRI)")
     images.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_arguments(run, config.ContainerdConfig)
     config.add_arguments(run, config.LogConfig)
     config.add_arguments(run, config.ArchiveConfig)
+    config.add_arguments(run, config.ImportConfig)
 
     status = sub.add_parser("status", help="the daemon's health and every archive's state")
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
@@ -252,7 +254,15 @@ def _import_options(args: argparse.Namespace, cfg: config.ContainerdConfig) -> I
         platforms=wanted,
         pin=not args.no_pin,
         base_name=args.base_name,
+        unpack_concurrency=_unpack_concurrency(args),
     )
+
+
+def _unpack_concurrency(args: argparse.Namespace) -> int:
+    n = config.resolve(config.ImportConfig, args).unpack_concurrency
+    if n < 1:
+        raise UsageError(f"--unpack-concurrency / IMAGE_AGENT_UNPACK_CONCURRENCY: {n} is below 1")
+    return n
 
 
 def cmd_import(args: argparse.Namespace, stop: threading.Event) -> int:
@@ -437,7 +447,12 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
     lock.acquire()  # one daemon per state directory; a second one says who holds it
     client, ccfg = _client(args)
     wanted = _daemon_platforms(dcfg.platforms)
-    options = ImportOptions(snapshotter=ccfg.snapshotter, unpack=dcfg.unpack, platforms=wanted)
+    options = ImportOptions(
+        snapshotter=ccfg.snapshotter,
+        unpack=dcfg.unpack,
+        platforms=wanted,
+        unpack_concurrency=_unpack_concurrency(args),
+    )
     # The one wiring point: every part gets what it talks to when it is built.
     progress = ProgressSink()
     importer = Importer(

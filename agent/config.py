@@ -356,6 +356,22 @@ class ArchiveConfig:
     )
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) or 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportConfig:
+    unpack_concurrency: int = setting(
+        _cores(),
+        flag="--unpack-concurrency",
+        env="IMAGE_AGENT_UNPACK_CONCURRENCY",
+        unit="layers",
+        help="layers unpacked at once, independent chains in parallel (default: the node's "
+        "cores); 1 unpacks image after image, bottom layer first, as the archive lists them",
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class LogConfig:
     level: str = setting(

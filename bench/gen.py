@@ -117,7 +117,19 @@ BUNDLE_APP = (
 )
 
 
-def make_bundle(out: Path, work: Path, images: int = 30) -> Path:
+# Per image a tenth of that: many images, little data (memory, not throughput).
+BUNDLE_APP_SMALL = (
+    LayerSpec(small_files=60, big_files=0, big_size=0),
+    LayerSpec(small_files=0, big_files=1, big_size=1 * MiB),
+)
+
+
+def make_bundle(
+    out: Path,
+    work: Path,
+    images: int = 30,
+    app: tuple[LayerSpec, ...] = BUNDLE_APP,
+) -> Path:
     """Write a docker-shaped ``.tar.zst`` of ``images`` images on one shared base; returns it.
 
     Deterministic: the same ``images`` gives the same bytes. Layers are
@@ -134,7 +146,7 @@ def make_bundle(out: Path, work: Path, images: int = 30) -> Path:
     manifest = []
     for i in range(images):
         diff_ids = [base_digest]
-        for j, spec in enumerate(BUNDLE_APP):
+        for j, spec in enumerate(app):
             path = work / f"app{i}-{j}.tar"
             digest, _ = write_layer(path, spec, seed=2000 + i * 10 + j)
             diff_ids.append(digest)

@@ -14,14 +14,18 @@ picks the containerd release, and ``ctr`` comes from the same release.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from agent.sandbox import PrivateContainerd, select_release
 from bench import gen
@@ -38,7 +42,11 @@ class Run:
 
 
 def run_measured(
-    cmd: list[str], *, stdin_cmd: list[str] | None = None, env: dict[str, str] | None = None
+    cmd: list[str],
+    *,
+    stdin_cmd: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    stderr: IO[bytes] | None = None,
 ) -> Run:
     """Run ``cmd`` (optionally fed by ``stdin_cmd``); wall time and the command's own peak RSS."""
     start = time.monotonic()
@@ -47,6 +55,7 @@ def run_measured(
         cmd,
         stdin=feeder.stdout if feeder else subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
+        stderr=stderr,
         env=env,
     )
     if feeder and feeder.stdout:
@@ -61,9 +70,67 @@ def run_measured(
     return Run(elapsed, usage.ru_maxrss / 1024)
 
 
-def ours(address: str, archive: Path) -> Run:
+def ours(address: str, archive: Path, extra: tuple[str, ...] = ()) -> Run:
     env = dict(os.environ, CONTAINERD_ADDRESS=address)
-    return run_measured([sys.executable, "-m", "agent", "import", str(archive)], env=env)
+    return run_measured([sys.executable, "-m", "agent", "import", *extra, str(archive)], env=env)
+
+
+def traced(archive: Path, out: Path, extra: tuple[str, ...] = (), *, prescan: bool = True) -> None:
+    """One more import, into a fresh containerd, with its timeline (debug events) in ``out``.
+
+    Without ``prescan`` the archive is read as from a pipe (bench.stream_import).
+    """
+    subprocess.run(["sync"], check=True)
+    c = fresh("trace")
+    command = ["agent", "import", *extra] if prescan else ["bench.stream_import"]
+    try:
+        env = dict(os.environ, CONTAINERD_ADDRESS=c.address, IMAGE_AGENT_LOG_LEVEL="debug")
+        with open(out, "wb") as f:
+            run = run_measured([sys.executable, "-m", *command, str(archive)], env=env, stderr=f)
+    finally:
+        c.cleanup()
+    print(f"traced import: {run.seconds:.2f}s, peak RSS {run.peak_rss_mib:.1f} MiB -> {out}")
+    print(summarize(out))
+
+
+def summarize(path: Path) -> str:
+    """The timeline in ``path`` as a table: phases, then layers (count, span, busy, overlap)."""
+    events = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            events.append(json.loads(line))
+    lines = [f"{'phase':<22}{'start s':>9}{'end s':>9}{'seconds':>9}"]
+    for e in events:
+        if str(e.get("event", "")).startswith("phase "):
+            start, took = float(e["t_s"]), float(e["duration_s"])
+            name = e["event"][6:]
+            lines.append(f"{name:<22}{start:>9.2f}{start + took:>9.2f}{took:>9.2f}")
+        elif e.get("event") in ("prescan outcome", "import done"):
+            lines.append(f"{e['event']}: {e.get('outcome', e.get('duration_s'))}")
+    layers = [e for e in events if e.get("event") == "layer unpacked"]
+    if layers:
+        spans = [
+            (
+                float(e["start_s"]),
+                float(e["start_s"]) + e["prepare_s"] + e["apply_s"] + e["commit_s"],
+            )
+            for e in layers
+        ]
+        busy = sum(e["prepare_s"] + e["apply_s"] + e["commit_s"] for e in layers)
+        first, last = min(s for s, _ in spans), max(e for _, e in spans)
+        # Most applies running at one time.
+        marks = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+        level = peak = 0
+        for _, step in marks:
+            level += step
+            peak = max(peak, level)
+        lines.append(
+            f"layers applied: {len(layers)}, from {first:.2f}s to {last:.2f}s, "
+            f"busy {busy:.2f}s (prepare {sum(e['prepare_s'] for e in layers):.2f}, "
+            f"apply {sum(e['apply_s'] for e in layers):.2f}, "
+            f"commit {sum(e['commit_s'] for e in layers):.2f}), at most {peak} at once"
+        )
+    return "\n".join(lines)
 
 
 def theirs(address: str, archive: Path) -> Run:
@@ -88,12 +155,35 @@ def main() -> int:
     parser.add_argument(
         "--bundle", type=int, metavar="N", help="a site bundle of N images on a shared base"
     )
+    parser.add_argument(
+        "--light",
+        action="store_true",
+        help="with --bundle: a tenth of the data per image (for many images)",
+    )
     parser.add_argument("--rounds", type=int, default=2, help="rounds, alternating who goes first")
+    parser.add_argument(
+        "--trace", type=Path, metavar="FILE", help="also trace one import's phases into FILE"
+    )
+    parser.add_argument(
+        "--only-trace", action="store_true", help="with --trace: the traced import only"
+    )
+    parser.add_argument(
+        "--no-prescan",
+        action="store_true",
+        help="with --trace: import as from a pipe, without the metadata pre-scan",
+    )
+    parser.add_argument(
+        "--agent-args", default="", help="extra options for image-agent import (space-separated)"
+    )
     args = parser.parse_args()
     if args.archive:
         archive = args.archive
     elif args.bundle:
-        archive = gen.make_bundle(OUT / f"bundle-{args.bundle}.tar.zst", OUT / "work", args.bundle)
+        app = gen.BUNDLE_APP_SMALL if args.light else gen.BUNDLE_APP
+        light = "-light" if args.light else ""
+        archive = gen.make_bundle(
+            OUT / f"bundle-{args.bundle}{light}.tar.zst", OUT / "work", args.bundle, app
+        )
     elif args.small:
         small = tuple(
             gen.LayerSpec(s.small_files // 10, s.big_files, s.big_size // 10)
@@ -106,9 +196,17 @@ def main() -> int:
     subprocess.run(
         ["cat", str(archive)], stdout=subprocess.DEVNULL, check=True
     )  # warm the page cache
+    extra = tuple(args.agent_args.split())
+    if args.trace:
+        traced(archive, args.trace, extra, prescan=not args.no_prescan)
+        if args.only_trace:
+            return 0
 
     runs: dict[str, list[Run]] = {}
-    tools = [("ctr", theirs), ("image-agent", ours)]
+    tools: list[tuple[str, Callable[[str, Path], Run]]] = [
+        ("ctr", theirs),
+        ("image-agent", lambda address, path: ours(address, path, extra)),
+    ]
     for round_ in range(args.rounds):
         # Alternate who goes first; settle the disk before every measured run so
         # neither pays for the other's writeback.

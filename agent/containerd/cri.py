@@ -63,15 +63,19 @@ class CriService:
         pending = dict(expect)
         pause = _WAIT_FIRST_S
         while pending:
-            for name, digest in list(pending.items()):
-                if stop.is_set():
-                    raise Cancelled("cancelled while waiting for the CRI")
-                try:
-                    image = self.cri_image_status(name)
-                except ContainerdError as err:
-                    return [] if err.code == "UNIMPLEMENTED" else sorted(pending)
-                if image is not None and any(d.endswith("@" + digest) for d in image.repo_digests):
-                    del pending[name]
+            if stop.is_set():
+                raise Cancelled("cancelled while waiting for the CRI")
+            # One ListImages a round for every name, not one ImageStatus each:
+            # a bundle of many images pays one round trip, not one per image.
+            try:
+                listed = self.cri_images()
+            except ContainerdError as err:
+                return [] if err.code == "UNIMPLEMENTED" else sorted(pending)
+            for image in listed:
+                for tag in image.repo_tags:
+                    digest = pending.get(tag)
+                    if digest and any(d.endswith("@" + digest) for d in image.repo_digests):
+                        del pending[tag]
             left = deadline - time.monotonic()
             if not pending or left <= 0:
                 break

@@ -10,6 +10,11 @@ Three steps, each its own module:
 - :mod:`~agent.importer.commit` labels the content, unpacks the layers and
   writes the image records, last.
 
+Beside them, :mod:`~agent.importer.prescan` reads a regular file a second
+time for its metadata only, so that :mod:`~agent.importer.unpack` applies
+layer chains, independent ones in parallel, while the archive streams;
+:mod:`~agent.importer.trace` logs where the time goes (at debug level).
+
 Only then is the lease released; an import that fails at any point leaves
 no image record (tags it moved are moved back) and lets containerd collect
 what it wrote.
@@ -23,12 +28,17 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 from agent import platforms
+from agent.archive import layout
+from agent.archive.compression import Compression
+from agent.archive.layout import Descriptor
 from agent.containerd.labels import GC_CONTENT, GC_SNAPSHOT, MANAGED_LABEL, PINNED_LABEL
 from agent.eager import EagerUnpacker, LayerStore
 from agent.errors import ArchiveError, Cancelled, ContainerdError, UsageError
+from agent.importer import prescan
 from agent.importer.commit import Commit
 from agent.importer.ingest import Ingest
 from agent.importer.model import (
@@ -39,9 +49,12 @@ from agent.importer.model import (
     ImportResult,
     Progress,
     ProgressFn,
+    Resolution,
 )
 from agent.importer.resolve import resolve
 from agent.importer.store import CriView, ImportTarget
+from agent.importer.trace import Timeline
+from agent.importer.unpack import ChainLayer, ParallelUnpack
 
 __all__ = [
     "BUNDLE_CONTENTS",
@@ -95,16 +108,34 @@ class Importer:
             size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise ArchiveError("file is empty", file=path)
-            return self.import_stream(f, name=path, size=size)
+            head = os.pread(f.fileno(), 64, 0)
+            reread = path if prescan.worth_it(head) else ""
+            return self.import_stream(f, name=path, size=size, reread=reread)
 
-    def import_stream(self, raw: BinaryIO, *, name: str, size: int = 0) -> ImportResult:
+    def import_stream(
+        self, raw: BinaryIO, *, name: str, size: int = 0, reread: str = ""
+    ) -> ImportResult:
+        """Import the archive ``raw``; ``reread``: a regular file with the same bytes.
+
+        With ``reread``, unpacking on and more than one layer at a time, the
+        file is pre-scanned for its metadata (:mod:`agent.importer.prescan`)
+        so that layers are applied while the archive streams.
+        """
         started = time.monotonic()
+        timeline = Timeline(name)
         unpacker = self._unpacker()
         lease = self.client.create_lease(labels=self.lease_labels)
-        commit = Commit(self.client, self.options, lease, stop=self.stop, unpacker=unpacker)
+        commit = Commit(
+            self.client,
+            self.options,
+            lease,
+            stop=self.stop,
+            unpacker=unpacker,
+            timeline=timeline,
+        )
         succeeded = False
         try:
-            result = self._run(raw, name, size, lease, commit)
+            result = self._run(raw, name, size, lease, commit, reread)
             succeeded = True
         except ArchiveError as err:
             commit.rollback()
@@ -117,10 +148,12 @@ class Importer:
             # complete import waits (within the client's deadline) for
             # containerd to collect; a failed or cancelled one, whose
             # leftovers may take long to remove, lets it collect them later.
-            with contextlib.suppress(ContainerdError):
+            with contextlib.suppress(ContainerdError), timeline.phase("lease release"):
                 self.client.delete_lease(lease, sync=succeeded)
-        result.not_in_cri = self._wait_for_cri(result)
+        with timeline.phase("cri wait", images=len(result.images)):
+            result.not_in_cri = self._wait_for_cri(result)
         result.duration_s = time.monotonic() - started
+        timeline.event("import done", duration_s=round(result.duration_s, 4))
         return result
 
     def _unpacker(self) -> LayerStore | None:
@@ -130,22 +163,64 @@ class Importer:
             raise UsageError("this store cannot unpack layers (import with unpack=False)")
         return self.client
 
-    def _run(self, raw: BinaryIO, name: str, size: int, lease: str, commit: Commit) -> ImportResult:
-        eager = None
-        if commit.unpacker is not None:
-            eager = EagerUnpacker(commit.unpacker, self.options.snapshotter, lease, self.stop)
+    def _run(
+        self, raw: BinaryIO, name: str, size: int, lease: str, commit: Commit, reread: str
+    ) -> ImportResult:
+        timeline = commit.timeline
+        early = scan = None
+        concurrency = self.options.unpack_concurrency
         ingest = Ingest(
             self.client,
             lease,
             stop=self.stop,
-            eager=eager,
             progress=self.progress,
             file=name,
             size=size,
         )
-        ingest.run(raw)
-        plan = resolve(ingest.docs, ingest, self.options, self.stop)
-        images = commit.run(plan)
+        if commit.unpacker is not None and reread and concurrency > 1:
+            early = ParallelUnpack(
+                commit.unpacker,
+                self.options.snapshotter,
+                lease,
+                stop=self.stop,
+                concurrency=concurrency,
+                strict=False,
+                timeline=timeline,
+                name="early-unpack",
+            )
+            ingest.on_blob = _provider(early)
+            scan = prescan.Prescan(
+                reread, self.options, _planner(early, ingest, commit), timeline=timeline
+            )
+        elif commit.unpacker is not None:
+            ingest.eager = EagerUnpacker(
+                commit.unpacker, self.options.snapshotter, lease, self.stop, timeline
+            )
+        try:
+            with timeline.phase("stream"):
+                ingest.run(raw)
+            if scan is not None:
+                scan.close()
+                timeline.event("prescan outcome", outcome=scan.outcome)
+            with timeline.phase("resolve"):
+                plan = resolve(ingest.docs, ingest, self.options, self.stop)
+
+            def settle() -> set[str]:
+                """Let the early unpacker finish what it can; the ChainIDs it committed."""
+                if early is None:
+                    return set()
+                with timeline.phase("early unpack tail"):
+                    early.finish()
+                return early.done_ids()
+
+            # Labels are written while the early unpacker still applies.
+            images = commit.run(plan, settle=settle, written=ingest.written)
+        except BaseException:
+            if scan is not None:
+                scan.close()
+            if early is not None:
+                early.finish(cancel=True)
+            raise
         return ImportResult(
             file=name,
             images=images,
@@ -180,6 +255,44 @@ class Importer:
         except Cancelled:
             # The import itself is complete: report what the CRI had not shown yet.
             return sorted(expect)
+
+
+def _planner(early: ParallelUnpack, ingest: Ingest, commit: Commit) -> Callable[[Resolution], None]:
+    """Put a pre-scan's plan to work while the archive streams.
+
+    The chains go to the early unpacker, image by image; blobs still to
+    come are written with their labels; the manifests docker archives lack
+    are written now.
+    """
+
+    def found(plan: Resolution) -> None:
+        selected = [s for image in plan.images for s in image.selected]
+        for n, sel in enumerate(selected):
+            early.add_chain(
+                n,
+                [
+                    ChainLayer(layer.digest, diff_id)
+                    for layer, diff_id in zip(sel.doc.layers, sel.config.diff_ids, strict=True)
+                ],
+            )
+        ingest.planned = commit.planned_labels(plan.images)
+        with commit.timeline.phase("early manifests", count=len(plan.synthesized)):
+            commit.write_early(plan, ingest.written)
+
+    return found
+
+
+def _provider(early: ParallelUnpack) -> Callable[[str, str, int, Compression], None]:
+    """Tell the early unpacker of each layer blob as it lands in the content store."""
+
+    def on_blob(path: str, digest: str, size: int, compression: Compression) -> None:
+        if compression not in (Compression.NONE, Compression.GZIP, Compression.ZSTD):
+            return  # not a layer containerd can apply: the final pass reports it
+        blob = Descriptor(layout.layer_media_type(compression, docker=True), digest, size)
+        early.provide(digest, blob)
+        early.provide(prescan.path_key(path), blob)
+
+    return on_blob
 
 
 def open_regular(path: str) -> BinaryIO:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
 from agent.archive import layout
@@ -22,7 +22,7 @@ from agent.eager import EagerUnpacker, looks_like_layer
 from agent.errors import ArchiveError, Cancelled, ContainerdError
 from agent.importer.model import BUNDLE_CONTENTS, Progress, ProgressFn
 
-CHUNK = 1 << 20
+CHUNK = 512 << 10
 # Small JSON blobs kept in memory so that manifests and configs need not be
 # read back from containerd; past this budget they are.
 CACHE_BUDGET = 16 << 20
@@ -60,7 +60,10 @@ class Ingest:
         progress: ProgressFn | None = None,
         file: str = "",
         size: int = 0,
+        on_blob: Callable[[str, str, int, Compression], None] | None = None,
     ) -> None:
+        # Told (archive path, digest, size, compression) of each blob once it is in the store.
+        self.on_blob = on_blob
         self.store = store
         self.lease = lease
         self.stop = stop
@@ -71,6 +74,10 @@ class Ingest:
         self.started = time.monotonic()
         self.docs: dict[str, bytes] = {}
         self.present: set[str] = set()
+        # Written by this import, with the labels written with them (no others).
+        self.written: dict[str, dict[str, str]] = {}
+        # Labels to write blobs with, once a pre-scan has planned them.
+        self.planned: dict[str, dict[str, str]] = {}
         self.by_path: dict[str, tuple[str, int]] = {}
         self.links: dict[str, str] = {}
         self.compression: dict[str, Compression] = {}
@@ -127,13 +134,16 @@ class Ingest:
         if digest is not None and self.known(digest):
             # Present already: only sniff the first bytes, skip the rest.
             self.by_path[name] = (digest, member.size)
-            self._sniffed(digest, member.size, data.read(512))
+            self._sniffed(digest, member.size, data.read(512), name)
             return
         if member.size <= layout.MAX_JSON:
             body = read_limited(data, layout.MAX_JSON, name)
             self._store_small(name, digest or layout.sha256(body), body, expected=digest)
             return
         self.by_path[name] = (self._write(data, member, expected=digest or ""), member.size)
+        digest, size = self.by_path[name]
+        if self.on_blob is not None:
+            self.on_blob(name, digest, size, self.compression_of(digest))
 
     def _store_small(
         self, name: str, digest: str, body: bytes, expected: str | None = None
@@ -146,19 +156,25 @@ class Ingest:
             self.cache[digest] = body
             self.cached_bytes += len(body)
         if not self.known(digest):
-            self.store.write_blob([body], lease=self.lease, total=len(body), expected=digest)
+            labels = self.planned.get(digest, {})
+            self.store.write_blob(
+                [body], lease=self.lease, total=len(body), expected=digest, labels=labels
+            )
             self.present.add(digest)
+            self.written[digest] = labels
             self.blobs_written += 1
-        self._sniffed(digest, len(body), body[:512])
+        self._sniffed(digest, len(body), body[:512], name)
         if self.eager and body.startswith(b"{") and b'"rootfs"' in body:
             self.eager.image_boundary()
 
-    def _sniffed(self, digest: str, size: int, head: bytes) -> None:
-        """Record a blob's compression; hand layers to the eager unpacker."""
+    def _sniffed(self, digest: str, size: int, head: bytes, name: str = "") -> None:
+        """Record a blob's compression; hand layers to the eager unpacker and ``on_blob``."""
         compression = detect(head)
         self.compression.setdefault(digest, compression)
         if self.eager and looks_like_layer(head, compression):
             self.eager.layer(compression, digest, size)
+        if name and self.on_blob is not None:
+            self.on_blob(name, digest, size, compression)
 
     def _write(self, data: Reader, member: Member, *, expected: str) -> str:
         head: list[bytes] = []
@@ -176,9 +192,10 @@ class Ingest:
                 yield chunk
                 self.report()
 
+        labels = self.planned.get(expected, {}) if expected else {}
         try:
             digest = self.store.write_blob(
-                chunks(), lease=self.lease, total=member.size, expected=expected
+                chunks(), lease=self.lease, total=member.size, expected=expected, labels=labels
             )
         except ContainerdError as err:
             if err.code in ("FAILED_PRECONDITION", "INVALID_ARGUMENT"):
@@ -187,6 +204,7 @@ class Ingest:
                 ) from None
             raise
         self.present.add(digest)
+        self.written[digest] = labels
         self.blobs_written += 1
         self._sniffed(digest, member.size, head[0] if head else b"")
         return digest

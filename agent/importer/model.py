@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,6 +12,11 @@ from agent.platforms import Platform
 CRI_NAMESPACE = "k8s.io"  # the namespace the CRI, and so the kubelet, reads
 # The contents list written into bundles by ``image-agent bundle``.
 BUNDLE_CONTENTS = "image-agent-bundle.json"
+
+
+def cores() -> int:
+    """The cores this process may run on: the default count of layers unpacked at once."""
+    return len(os.sched_getaffinity(0)) or 1
 
 
 @dataclass(frozen=True)
@@ -24,6 +30,9 @@ class ImportOptions:
     base_name: str = ""
     # Seconds to wait for the CRI to list what was imported (0: don't wait).
     cri_wait_s: float = 10.0
+    # Layers applied at once (independent chains in parallel); 1 unpacks
+    # image after image, bottom layer first.
+    unpack_concurrency: int = field(default_factory=cores)
 
 
 @dataclass(frozen=True)
