@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog
 
 from agent import platforms
 from agent.containerd import Containerd
@@ -410,3 +411,16 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "ctd" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.containerd)
+
+
+@pytest.fixture(autouse=True)
+def _structlog_defaults() -> Iterator[None]:
+    """Each test starts with structlog's defaults.
+
+    A test that runs the CLI in-process leaves its configuration behind (a
+    level filter, a stream that may be closed), which would hide later
+    tests' log lines from ``capture_logs``.
+    """
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
