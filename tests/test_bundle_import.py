@@ -14,7 +14,7 @@ from agent.containerd import Containerd
 from agent.importer import Importer, ImportOptions
 from agent.platforms import Platform
 from agent.sandbox import PrivateContainerd
-from tests.conftest import ctr
+from tests.conftest import ctr, wait_for
 from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked
 
 pytestmark = pytest.mark.containerd
@@ -146,4 +146,5 @@ def test_a_failing_chain_leaves_no_image_and_no_lease(
     assert client.list_images() == []
     assert client.cri_images() == []
     assert_no_leases(client)
-    assert _snapshots(ctd, "k8s.io") == set()
+    # A failed import does not wait for containerd's collection; it follows.
+    wait_for(lambda: _snapshots(ctd, "k8s.io") == set(), 60, "the snapshots to be collected")
