@@ -184,11 +184,16 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0
 
+    def _env(self) -> dict[str, str]:
+        """The daemon's environment: not under systemd unless a subclass says so."""
+        env = dict(os.environ, CONTAINERD_ADDRESS=self.ctd.address)
+        env.pop("NOTIFY_SOCKET", None)
+        return env
+
     def start(self, *more: str) -> None:
         import time
 
-        env = dict(os.environ, CONTAINERD_ADDRESS=self.ctd.address)
-        env.pop("NOTIFY_SOCKET", None)
+        env = self._env()
         cmd = [
             sys.executable,
             "-m",

@@ -285,34 +285,12 @@ class NotifiedDaemon(DaemonProcess):
         self.sock.bind(str(self.sock_path))
         self.watchdog_usec = watchdog_usec
 
-    def start(self, *more: str) -> None:
-        env = dict(
-            os.environ,
-            CONTAINERD_ADDRESS=self.ctd.address,
+    def _env(self) -> dict[str, str]:
+        return dict(
+            super()._env(),
             NOTIFY_SOCKET=str(self.sock_path),
             WATCHDOG_USEC=str(self.watchdog_usec),
         )
-        cmd = [
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            "--images-dir",
-            str(self.images),
-            "--state-dir",
-            str(self.state),
-            "--settle",
-            "0.5",
-            "--listen",
-            "127.0.0.1:0",
-            "--containerd-root",
-            self.ctd.root,
-        ]
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
-            )
-        wait_for(lambda: self.named("watching"), 120, "daemon start")
 
     def close(self) -> None:
         self.sock.close()
