@@ -13,6 +13,7 @@ import pytest
 import zstandard
 
 from agent import samples
+from agent.archive import layout
 from agent.containerd import Containerd
 from agent.platforms import Platform
 from tests.helpers import assert_nothing_imported, cri_by_tag
@@ -87,6 +88,32 @@ def _malformed_pax_records(node: Platform) -> bytes:
 DEEP = b"[" * 100_000 + b"]" * 100_000
 
 
+def _one_image_layout(name: str, manifest: bytes, blobs: list[bytes]) -> bytes:
+    """An OCI layout archive: ``blobs`` in order, then ``manifest``, indexed as ``name``."""
+    m = layout.sha256(manifest)
+    index = layout.dump_json(
+        {
+            "schemaVersion": 2,
+            "manifests": [
+                {
+                    "mediaType": layout.OCI_MANIFEST,
+                    "digest": m,
+                    "size": len(manifest),
+                    "annotations": {layout.ANNOTATION_IMAGE_NAME: name},
+                }
+            ],
+        }
+    )
+    return samples.archive_bytes(
+        [
+            *((f"blobs/sha256/{layout.sha256(b)[7:]}", b) for b in blobs),
+            (f"blobs/sha256/{m[7:]}", manifest),
+            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
+            ("index.json", index),
+        ]
+    )
+
+
 def _oci_with(node: Platform, replace: Callable[[str, bytes], bytes]) -> bytes:
     """The good OCI archive with each member's bytes passed through ``replace``."""
     return samples.archive_bytes([(n, replace(n, d)) for n, d in _entries(_good(node))])
@@ -150,29 +177,7 @@ def _repeated_layer(node: Platform) -> bytes:
             "layers": [{"mediaType": layout.OCI_LAYER, "digest": ld, "size": len(layer)}] * 10_000,
         }
     )
-    m = layout.sha256(manifest)
-    index = layout.dump_json(
-        {
-            "schemaVersion": 2,
-            "manifests": [
-                {
-                    "mediaType": layout.OCI_MANIFEST,
-                    "digest": m,
-                    "size": len(manifest),
-                    "annotations": {layout.ANNOTATION_IMAGE_NAME: "repeat:1"},
-                }
-            ],
-        }
-    )
-    return samples.archive_bytes(
-        [
-            (f"blobs/sha256/{ld[7:]}", layer),
-            (f"blobs/sha256/{c[7:]}", config),
-            (f"blobs/sha256/{m[7:]}", manifest),
-            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
-            ("index.json", index),
-        ]
-    )
+    return _one_image_layout("repeat:1", manifest, [layer, config])
 
 
 def _zstd_long(data: bytes, window_log: int) -> bytes:
@@ -293,29 +298,7 @@ def _lying_config(node: Platform) -> bytes:
             "layers": [{"mediaType": layout.OCI_LAYER, "digest": ld, "size": len(layer_blob)}],
         }
     )
-    m = layout.sha256(manifest)
-    index = layout.dump_json(
-        {
-            "schemaVersion": 2,
-            "manifests": [
-                {
-                    "mediaType": layout.OCI_MANIFEST,
-                    "digest": m,
-                    "size": len(manifest),
-                    "annotations": {layout.ANNOTATION_IMAGE_NAME: "liar:1"},
-                }
-            ],
-        }
-    )
-    return samples.archive_bytes(
-        [
-            (f"blobs/sha256/{c[7:]}", config),
-            (f"blobs/sha256/{ld[7:]}", layer_blob),
-            (f"blobs/sha256/{m[7:]}", manifest),
-            ("oci-layout", b'{"imageLayoutVersion":"1.0.0"}'),
-            ("index.json", index),
-        ]
-    )
+    return _one_image_layout("liar:1", manifest, [config, layer_blob])
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
