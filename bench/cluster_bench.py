@@ -28,7 +28,7 @@ from pathlib import Path
 import aiohttp
 
 from agent.cluster.tokens import node_token
-from tests.conftest import free_port
+from agent.testing.processes import free_port
 
 SECRET = b"bench-node-secret-0123456789"
 

@@ -33,11 +33,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent import platforms, samples
 from agent.containerd import Containerd
-from agent.sandbox import PrivateContainerd
+from agent.image import platforms
+from agent.testing import samples
+from agent.testing.processes import DaemonProcess
+from agent.testing.sandbox import PrivateContainerd
 from bench import gen
-from tests.conftest import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "bench" / "out"
@@ -132,7 +133,7 @@ def watchdog(settle: float, usec: int) -> int:
     """Import the 1.1 GB archive under WATCHDOG_USEC over a real notify socket; longest ping gap."""
     import contextlib
 
-    from tests.test_daemon_faults import NotifiedDaemon
+    from agent.testing.processes import NotifiedDaemon
 
     big = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
     work = Path(tempfile.mkdtemp(prefix="ia-dwd-", dir="/tmp"))

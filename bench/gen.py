@@ -18,7 +18,8 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent import platforms, samples
+from agent.image import platforms
+from agent.testing import samples
 
 MiB = 1 << 20
 

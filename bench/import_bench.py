@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from agent.sandbox import PrivateContainerd, select_release
+from agent.testing.sandbox import PrivateContainerd, select_release
 from bench import gen
 
 ROOT = Path(__file__).resolve().parent.parent

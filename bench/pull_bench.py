@@ -18,11 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent import platforms, samples
 from agent.containerd import Containerd
-from agent.sandbox import PrivateContainerd
-from tests.conftest import Registry
-from tests.proxy import Proxy
+from agent.image import platforms
+from agent.testing import samples
+from agent.testing.processes import Registry
+from agent.testing.proxy import Proxy
+from agent.testing.sandbox import PrivateContainerd
 
 
 def sequential(address: str, refs: list[str]) -> float:

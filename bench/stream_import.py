@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import sys
 
-from agent import logs, platforms
+from agent import logs
 from agent.containerd import Containerd
+from agent.image import platforms
 from agent.importer import Importer, ImportOptions
 
 

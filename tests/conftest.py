@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agent import platforms
 from agent.containerd import Containerd
-from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd, select_release
+from agent.image import platforms
+from agent.image.platforms import Platform
+from agent.testing.processes import DaemonProcess, Registry
+from agent.testing.sandbox import PrivateContainerd, select_release
 
 ROOT = Path(__file__).resolve().parent.parent
 # The containerd release under test (IMAGE_AGENT_TEST_CONTAINERD: 1.6, 1.7 or 2).
@@ -149,144 +150,6 @@ def ctr(ctd: PrivateContainerd, namespace: str, *args: str) -> str:
     return proc.stdout
 
 
-def wait_for(cond, timeout: float = 30.0, what: str = "condition"):  # type: ignore[no-untyped-def]
-    """Poll ``cond`` until it returns a truthy value or the deadline passes."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class DaemonProcess:
-    """``image-agent run`` as a real process against the test's containerd."""
-
-    def __init__(self, ctd: PrivateContainerd, base: Path, extra: list[str]) -> None:
-        self.ctd = ctd
-        self.images = base / "images"
-        self.state = base / "state"
-        self.images.mkdir(parents=True, exist_ok=True)
-        self.log_path = base / "daemon.log"
-        self.extra = extra
-        self.proc: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
-
-    def _env(self) -> dict[str, str]:
-        """The daemon's environment: not under systemd unless a subclass says so."""
-        env = dict(os.environ, CONTAINERD_ADDRESS=self.ctd.address)
-        env.pop("NOTIFY_SOCKET", None)
-        return env
-
-    def start(self, *more: str) -> None:
-        import time
-
-        env = self._env()
-        cmd = [
-            sys.executable,
-            "-m",
-            "agent",
-            "run",
-            "--images-dir",
-            str(self.images),
-            "--state-dir",
-            str(self.state),
-            "--settle",
-            "0.5",
-            "--listen",
-            "127.0.0.1:0",  # the daemon binds a free port and logs it: no race for one
-            "--containerd-root",
-            self.ctd.root,
-            *self.extra,
-            *more,
-        ]
-        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
-            )
-        self.started = time.monotonic()
-        wait_for(lambda: any(e["event"] == "watching" for e in self.events()), 120, "daemon start")
-
-    def events(self, all_runs: bool = False) -> list[dict]:  # type: ignore[type-arg]
-        import json
-
-        if not self.log_path.exists():
-            return []
-        with open(self.log_path, "rb") as f:
-            if not all_runs:
-                f.seek(self._log_offset)
-            out = []
-            for line in f.read().decode(errors="replace").splitlines():
-                try:
-                    out.append(json.loads(line))
-                except ValueError:
-                    out.append({"event": "non-json", "line": line})
-            return out
-
-    @property
-    def port(self) -> int:
-        """The HTTP port of the running daemon, from its ``http.listening`` line."""
-        listening = self.named("http.listening")
-        assert listening, "the daemon has not logged its HTTP port"
-        return int(listening[-1]["listen"].rpartition(":")[2])
-
-    def named(self, event: str, all_runs: bool = False) -> list[dict]:  # type: ignore[type-arg]
-        return [e for e in self.events(all_runs) if e.get("event") == event]
-
-    def status(self) -> dict:  # type: ignore[type-arg]
-        import json
-
-        out = subprocess.run(
-            [sys.executable, "-m", "agent", "status", "-o", "json", "--state-dir", str(self.state)],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            check=True,
-        ).stdout
-        return json.loads(out)  # type: ignore[no-any-return]
-
-    def record(self, path: Path) -> dict | None:  # type: ignore[type-arg]
-        for a in self.status()["archives"]:
-            if a["path"] == str(path):
-                return a  # type: ignore[no-any-return]
-        return None
-
-    def wait_state(self, path: Path, state: str, timeout: float = 60) -> dict:  # type: ignore[type-arg]
-        def check():  # type: ignore[no-untyped-def]
-            rec = self.record(path)
-            return rec if rec and rec["state"] == state else None
-
-        return wait_for(check, timeout, f"{path.name} to be {state}")  # type: ignore[no-any-return]
-
-    def stop(self, timeout: float = 10.0) -> int:
-        import signal as _signal
-
-        assert self.proc is not None
-        self.proc.send_signal(_signal.SIGTERM)
-        code = self.proc.wait(timeout)
-        self.proc = None
-        return code
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.kill()
-        self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture
 def daemon(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped-def]
     procs: list[DaemonProcess] = []
@@ -300,98 +163,6 @@ def daemon(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped-d
     for d in procs:
         if d.proc is not None:
             d.kill()
-
-
-class Registry:
-    """A real docker-registry (distribution) on 127.0.0.1, optionally behind htpasswd."""
-
-    def __init__(self, base: Path, user: str = "", password: str = "") -> None:
-        self.base = base
-        self.port = free_port()
-        self.user, self.password = user, password
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def host(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Start on this registry's port; the first start moves to another if that one was taken."""
-        first = not (self.base / "config.yml").exists()
-        for _ in range(3):
-            if self._start():
-                return
-            if not first:
-                break
-            self.port = free_port()
-        log = (self.base / "registry.log").read_text(errors="replace")[-2000:]
-        raise AssertionError(f"docker-registry did not start on {self.host}: {log}")
-
-    def _start(self) -> bool:
-        import urllib.error
-        import urllib.request
-
-        self.base.mkdir(parents=True, exist_ok=True)
-        auth = ""
-        if self.user:
-            htpasswd = subprocess.run(
-                ["htpasswd", "-Bbn", self.user, self.password],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            (self.base / "htpasswd").write_text(htpasswd)
-            auth = f"auth:\n  htpasswd:\n    realm: test\n    path: {self.base / 'htpasswd'}\n"
-        (self.base / "config.yml").write_text(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
-            f"    rootdirectory: {self.base / 'data'}\n  delete:\n    enabled: true\n"
-            f"http:\n  addr: {self.host}\n{auth}"
-        )
-        with open(self.base / "registry.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                ["docker-registry", "serve", str(self.base / "config.yml")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        proc = self.proc
-
-        def up() -> str:
-            if proc.poll() is not None:
-                return "exited"  # e.g. the port was taken meanwhile
-            try:
-                urllib.request.urlopen(f"http://{self.host}/v2/", timeout=1)
-            except urllib.error.HTTPError:
-                return "up"  # 401 with auth: it answers
-            except OSError:
-                return ""
-            return "up"
-
-        return wait_for(up, 120, "docker-registry to answer") == "up"
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-    def push(self, archive: Path, ref: str) -> None:
-        """Push an OCI archive as ``<this registry>/<ref>`` with skopeo."""
-        creds = ["--dest-creds", f"{self.user}:{self.password}"] if self.user else []
-        subprocess.run(
-            [
-                "skopeo",
-                "copy",
-                "-q",
-                "--dest-tls-verify=false",
-                *creds,
-                f"oci-archive:{archive}",
-                f"docker://{self.host}/{ref}",
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent import samples
 from agent.archive import layout
 from agent.containerd import Containerd
-from agent.platforms import Platform
+from agent.image.platforms import Platform
+from agent.testing import samples
 from tests.helpers import assert_nothing_imported, cri_by_tag
 
 
@@ -470,9 +470,9 @@ def _index_fan_out(node: Platform, n: int = 200) -> bytes:
 
 def test_index_fan_out_is_bounded(node: Platform, tmp_path: Path) -> None:
     """Indexes that all name the same next index (n*n entries from 2 blobs) stop at the entry limit, not after n*n visits."""
+    from agent.airgap.verify import verify
     from agent.archive import limits
     from agent.errors import ArchiveError
-    from agent.verify import verify
 
     path = tmp_path / "fan.tar"
     path.write_bytes(_index_fan_out(node, 300))  # 90,000 manifests reached without the limit

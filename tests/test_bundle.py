@@ -20,14 +20,17 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from agent import bundle, refs, samples
+from agent.airgap import bundle
+from agent.airgap.registry import RegistryClient, RegistryError, is_loopback
 from agent.archive import layout
 from agent.containerd import Containerd
-from agent.platforms import Platform
+from agent.image import refs
+from agent.image.platforms import Platform
 from agent.pull import auth
-from agent.registry import RegistryClient, RegistryError, is_loopback
-from agent.sandbox import PrivateContainerd
-from tests.conftest import ROOT, Registry, free_port, wait_for
+from agent.testing import samples
+from agent.testing.processes import Registry, free_port, wait_for
+from agent.testing.sandbox import PrivateContainerd
+from tests.conftest import ROOT
 from tests.helpers import assert_unpacked, cri_by_tag
 
 BASE = samples.Layer({"etc/os-release": b"ID=base\n", "lib/libc": os.urandom(200_000)}, "gzip")
@@ -223,7 +226,7 @@ def test_verify_reports_corruption(node: Platform, tmp_path: Path) -> None:
 
 def test_broken_download_resumes(registry, node: Platform, tmp_path: Path) -> None:
     """A connection dropped mid-layer is resumed with an HTTP range; the bundle comes out whole."""
-    from tests.proxy import Proxy
+    from agent.testing.proxy import Proxy
 
     reg = registry()
     image = samples.simple_image("big/x:1", {"x": os.urandom(3 << 20)}, node, "gzip")

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import samples
 from agent.archive import layout
 from agent.containerd import Containerd
+from agent.image.platforms import Platform
 from agent.importer import Importer, ImportOptions
-from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd
-from tests.conftest import ctr, wait_for
+from agent.testing import samples
+from agent.testing.processes import wait_for
+from agent.testing.sandbox import PrivateContainerd
+from tests.conftest import ctr
 from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked
 
 pytestmark = pytest.mark.containerd

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import samples
-from agent.platforms import Platform
-from tests.conftest import ROOT, wait_for
+from agent.image.platforms import Platform
+from agent.testing import samples
+from agent.testing.processes import wait_for
+from tests.conftest import ROOT
 
 
 class FixtureServer:
@@ -454,7 +455,7 @@ def _list_events(agent) -> list[int]:  # type: ignore[no-untyped-def]
 
 def test_agent_never_takes_a_cut_list(cluster, daemon, tmp_path: Path) -> None:
     """A list whose body is cut before Content-Length is an error: not cached, not applied, asked again."""
-    from tests.proxy import Proxy
+    from agent.testing.proxy import Proxy
 
     images = [f"127.0.0.1:1/fleet/image-{i:03d}:1" for i in range(300)]
     lst = tmp_path / "fleet.txt"
@@ -477,7 +478,7 @@ def test_agent_long_polls_through_a_proxy_that_weakens_etags(
     cluster, daemon, tmp_path: Path
 ) -> None:
     """Behind a proxy that rewrites ETags to W/"...", the agent's conditional poll is still held, not answered at once."""
-    from tests.proxy import HttpProxy
+    from agent.testing.proxy import HttpProxy
 
     lst = tmp_path / "l.txt"
     lst.write_text("127.0.0.1:1/a/b:1\n")
@@ -502,7 +503,7 @@ def test_agent_keeps_a_minimum_interval_whatever_the_server_does(
     cluster, daemon, tmp_path: Path
 ) -> None:
     """When every poll is answered at once (conditions dropped on the way), polls are still --cluster-min-poll apart."""
-    from tests.proxy import HttpProxy
+    from agent.testing.proxy import HttpProxy
 
     lst = tmp_path / "l.txt"
     lst.write_text("127.0.0.1:1/a/b:1\n")

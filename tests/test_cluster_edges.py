@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ROOT, wait_for
+from agent.testing.processes import wait_for
+from tests.conftest import ROOT
 from tests.test_cluster import ClusterProcess, FixtureServer
 
 BIG = 40_000  # images; their list is well over 1 MB in every form

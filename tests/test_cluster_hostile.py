@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, wait_for
+from agent.testing.processes import wait_for
+from tests.conftest import ROOT
 from tests.test_cluster import ClusterProcess, FixtureServer
 
 REPORT = json.dumps(

@@ -9,11 +9,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from agent import samples
 from agent.containerd import Containerd
-from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd
-from tests.conftest import ctr, wait_for
+from agent.image.platforms import Platform
+from agent.testing import samples
+from agent.testing.processes import wait_for
+from agent.testing.sandbox import PrivateContainerd
+from tests.conftest import ctr
 from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked, cri_by_tag
 
 
@@ -402,13 +403,13 @@ def test_file_watcher_that_dies_takes_health_and_watchdog_down(
 ) -> None:
     """The inotify watcher's thread is watched like a duty: if it ends, /healthz and the pings say so."""
     from agent import logs
-    from agent.daemon.archives import ImportedImages, Settings
-    from agent.daemon.health import ProgressSink
-    from agent.daemon.metrics import Metrics
-    from agent.daemon.notify import Notifier
-    from agent.daemon.service import JOIN_S, Daemon
-    from agent.daemon.state import Store
     from agent.importer import Importer, ImportOptions
+    from agent.node.archives import ImportedImages, Settings
+    from agent.node.health import ProgressSink
+    from agent.node.metrics import Metrics
+    from agent.node.notify import Notifier
+    from agent.node.service import JOIN_S, Daemon
+    from agent.node.state import Store
 
     stop = threading.Event()
     progress = ProgressSink()

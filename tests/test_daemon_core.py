@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.daemon import files, plan
-from agent.daemon.files import Kind, Stat
-from agent.daemon.state import Record, State, Store
-from agent.platforms import Platform
+from agent.image.platforms import Platform
+from agent.node import files, plan
+from agent.node.files import Kind, Stat
+from agent.node.state import Record, State, Store
 from tests.conftest import ROOT
 
 AMD64 = (Platform("linux", "amd64"),)
@@ -198,7 +198,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 def test_status_reads_a_read_only_state_directory(tmp_path: Path) -> None:
     """`status` on a read-only mount of the state directory (no -shm/-wal can be made) still reads it."""
-    from agent.daemon.status import status_doc
+    from agent.node.status import status_doc
 
     src = tmp_path / "state"
     store = Store(src)

@@ -1,8 +1,8 @@
 """The daemon's duties run step by step: no threads, no sleeping, no containerd, no root.
 
 The importer, containerd and the store are test doubles type-checked against
-the Protocols the duties declare (agent.daemon.archives, agent.daemon.reconcile,
-agent.daemon.health); the files are real files in a temporary directory.
+the Protocols the duties declare (agent.node.archives, agent.node.reconcile,
+agent.node.health); the files are real files in a temporary directory.
 """
 
 from __future__ import annotations
@@ -23,16 +23,7 @@ from typing import Any, BinaryIO
 import pytest
 from structlog.testing import capture_logs
 
-from agent import lists, logs
-from agent.daemon import archives, beat, files, plan, pull_lists
-from agent.daemon.archives import ArchivesDuty, ImportedImages, Settings
-from agent.daemon.beat import Heartbeats
-from agent.daemon.health import HealthDuty, ProgressSink, Watchdog
-from agent.daemon.lock import StateLock, StateLocked
-from agent.daemon.metrics import Metrics
-from agent.daemon.notify import Notifier
-from agent.daemon.pull_lists import PullListsDuty
-from agent.daemon.state import Record, State, StateError, Store
+from agent import logs
 from agent.errors import (
     AgentError,
     ArchiveError,
@@ -40,7 +31,17 @@ from agent.errors import (
     ContainerdError,
     ContainerdUnavailable,
 )
+from agent.image import lists
 from agent.importer import ImportedImage, ImportResult, Progress
+from agent.node import archives, beat, files, plan, pull_lists
+from agent.node.archives import ArchivesDuty, ImportedImages, Settings
+from agent.node.beat import Heartbeats
+from agent.node.health import HealthDuty, ProgressSink, Watchdog
+from agent.node.lock import StateLock, StateLocked
+from agent.node.metrics import Metrics
+from agent.node.notify import Notifier
+from agent.node.pull_lists import PullListsDuty
+from agent.node.state import Record, State, StateError, Store
 
 # -- test doubles --------------------------------------------------------------------------
 
@@ -627,7 +628,7 @@ def test_status_table_escapes_names_and_lists_in_mtime_order(
 
 def test_a_duty_that_dies_is_logged_once_and_marked_dead() -> None:
     """An exception escaping a duty's loop is logged once with its traceback; the duty reads as dead."""
-    from agent.daemon.service import _Duty
+    from agent.node.service import _Duty
 
     def broken(stop: threading.Event) -> None:
         raise ValueError("bad day")
@@ -936,7 +937,7 @@ def test_watcher_event_that_fails_is_logged_once_and_swallowed(tmp_path: Path) -
     """An exception in routing an event would end the watcher's thread silently: caught, logged once."""
     from watchdog.events import FileModifiedEvent
 
-    from agent.daemon.service import _Handler
+    from agent.node.service import _Handler
 
     def broken(path: Path) -> bool:
         raise PermissionError(13, "Permission denied", str(path))

@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import samples
 from agent.containerd import Containerd
-from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd
-from tests.conftest import ROOT, DaemonProcess, ctr, wait_for
+from agent.image.platforms import Platform
+from agent.testing import samples
+from agent.testing.processes import DaemonProcess, NotifiedDaemon, wait_for
+from agent.testing.sandbox import PrivateContainerd
+from tests.conftest import ROOT, ctr
 from tests.helpers import assert_no_leases, assert_unpacked, cri_by_tag
 from tests.test_daemon import drop_big_archive, make_archive
 
@@ -273,28 +273,6 @@ def test_sigterm_during_unpack_ends_within_seconds(
 
 
 # -- systemd watchdog -------------------------------------------------------------------
-
-
-class NotifiedDaemon(DaemonProcess):
-    """The daemon under a notify socket and WATCHDOG_USEC, as systemd runs it."""
-
-    def __init__(self, ctd: PrivateContainerd, base: Path, watchdog_usec: int) -> None:
-        super().__init__(ctd, base, [])
-        self.sock_path = Path(tempfile.mkdtemp(prefix="ia-n-", dir="/tmp")) / "notify"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(self.sock_path))
-        self.watchdog_usec = watchdog_usec
-
-    def _env(self) -> dict[str, str]:
-        return dict(
-            super()._env(),
-            NOTIFY_SOCKET=str(self.sock_path),
-            WATCHDOG_USEC=str(self.watchdog_usec),
-        )
-
-    def close(self) -> None:
-        self.sock.close()
-        shutil.rmtree(self.sock_path.parent, ignore_errors=True)
 
 
 def test_watchdog_pings_through_a_long_import(

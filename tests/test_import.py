@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import samples
 from agent.archive import layout
 from agent.containerd import Containerd
-from agent.containerd.labels import DISTRIBUTION_SOURCE_PREFIX, LABEL_MAX
+from agent.image.labels import DISTRIBUTION_SOURCE_PREFIX, LABEL_MAX
+from agent.image.platforms import Platform
 from agent.importer import Importer, ImportOptions
-from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd
+from agent.testing import samples
+from agent.testing.sandbox import PrivateContainerd
 from tests.conftest import Podman, ctr
 from tests.helpers import (
     assert_no_leases,

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from agent import samples
 from agent._proto.containerd.types import mount_pb2
 from agent.containerd import Containerd
 from agent.containerd.images import Put
 from agent.errors import AgentError, Cancelled, ContainerdError, OutOfSpace
+from agent.image.platforms import Platform
 from agent.importer import Importer, ImportOptions, Progress
-from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd
+from agent.testing import samples
+from agent.testing.sandbox import PrivateContainerd
 from tests.conftest import RELEASE
 from tests.helpers import assert_no_leases, assert_pinned
 

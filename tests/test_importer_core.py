@@ -18,19 +18,13 @@ import grpc
 import pytest
 from google.protobuf import empty_pb2
 
-from agent import samples
 from agent._proto.containerd.services.leases.v1 import leases_pb2_grpc
+from agent.airgap.verify import MemoryStore
 from agent.archive import layout, limits
 from agent.archive.compression import Compression
 from agent.containerd.client import Containerd
 from agent.containerd.content import Blob
 from agent.containerd.images import ImageRecord, Put
-from agent.containerd.labels import (
-    DISTRIBUTION_SOURCE_PREFIX,
-    LABEL_MAX,
-    distribution_source,
-    merge_sources,
-)
 from agent.containerd.rpc import channel_options, translate
 from agent.errors import (
     ArchiveError,
@@ -39,10 +33,16 @@ from agent.errors import (
     ContainerdUnavailable,
     OutOfSpace,
 )
+from agent.image.labels import (
+    DISTRIBUTION_SOURCE_PREFIX,
+    LABEL_MAX,
+    distribution_source,
+    merge_sources,
+)
+from agent.image.platforms import Platform
 from agent.importer import Importer, ImportOptions, ImportTarget
 from agent.importer.resolve import BlobReader, resolve
-from agent.platforms import Platform
-from agent.verify import MemoryStore
+from agent.testing import samples
 
 NODE = Platform("linux", "amd64")
 OPTIONS = ImportOptions(unpack=False, platforms=None, cri_wait_s=0)

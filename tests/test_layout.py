@@ -9,12 +9,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent import boundedjson, platforms, samples
+from agent import boundedjson
 from agent.archive import layout, limits
 from agent.archive.compression import Compression, detect
 from agent.archive.tarstream import HeaderGuard, parse_pax, safe_name, walk
 from agent.errors import ArchiveError
-from agent.platforms import Platform
+from agent.image import platforms
+from agent.image.platforms import Platform
+from agent.testing import samples
 
 
 def test_chain_ids_follow_the_oci_definition() -> None:
@@ -295,7 +297,7 @@ def _index_doc(n: int) -> bytes:
 def test_docker_archive_layers_count_once_against_the_total(node: Platform, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A docker archive's layers count once against --max-layer-entries: 2 images of 3 layers
     pass a limit of 6 and fail one of 5 (not 12 counted, as when manifest.json counted too)."""
-    from agent.verify import verify
+    from agent.airgap.verify import verify
 
     images = [
         samples.SampleImage(
@@ -328,7 +330,7 @@ def test_index_entry_limit_scales_with_max_manifests() -> None:
 def test_bundle_shaped_archive_of_1000_images_verifies(node: Platform, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """1,000 images (the --max-archive-images default), each with its registry index of 16
     platforms and attestations as bundles keep them, pass the default limits."""
-    from agent.verify import verify
+    from agent.airgap.verify import verify
 
     image = samples.simple_image("x:1", {"f": b"x"}, node)
     entries = dict(_tar_entries(samples.oci_archive([image])))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent import lists
+from agent.image import lists
 
 
 def test_plain_list_with_comments_and_invalid_lines() -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import __version__, samples
+from agent import __version__
 from agent.containerd import Containerd
-from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd
+from agent.image.platforms import Platform
+from agent.testing import samples
+from agent.testing.sandbox import PrivateContainerd
 from tests.conftest import ROOT
 from tests.helpers import cri_by_tag
 

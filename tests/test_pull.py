@@ -7,11 +7,11 @@ import os
 import time
 from pathlib import Path
 
-from agent import samples
 from agent.containerd import Containerd
+from agent.image.platforms import Platform
 from agent.importer import PINNED_LABEL
-from agent.platforms import Platform
-from tests.conftest import Registry, wait_for
+from agent.testing import samples
+from agent.testing.processes import Registry, wait_for
 from tests.helpers import assert_pinned, cri_by_tag
 
 

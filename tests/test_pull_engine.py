@@ -22,9 +22,9 @@ import structlog
 from structlog.testing import capture_logs
 
 from agent.containerd.cri import CriImage
-from agent.containerd.labels import PINNED_LABEL
 from agent.errors import ContainerdError
-from agent.lists import Entry
+from agent.image.labels import PINNED_LABEL
+from agent.image.lists import Entry
 from agent.pull.engine import PullClient, Puller, PullState
 
 REF = "registry.example:5000/team/app:1"
@@ -272,7 +272,7 @@ _SLOW_PULL_SCRIPT = """
 import sys, threading
 import structlog
 from agent.containerd.cri import CriImage
-from agent.lists import Entry
+from agent.image.lists import Entry
 from agent.pull.engine import PullClient, Puller
 
 entered = threading.Event()

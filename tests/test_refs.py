@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent import refs
+from agent.image import refs
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import samples
 from agent.archive import layout
 from agent.containerd import Containerd
 from agent.errors import NotFound
+from agent.image.platforms import Platform
 from agent.importer import PINNED_LABEL
-from agent.platforms import Platform
-from agent.sandbox import PrivateContainerd
+from agent.testing import samples
+from agent.testing.sandbox import PrivateContainerd
 from tests.conftest import RELEASE, ROOT
 from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked, cri_by_tag
 

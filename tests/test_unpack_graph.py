@@ -14,9 +14,9 @@ from agent import cli, config
 from agent._proto.containerd.types import mount_pb2
 from agent.archive.layout import Descriptor, chain_id
 from agent.containerd.content import Blob
-from agent.eager import LayerStore
 from agent.errors import ArchiveError, UsageError
 from agent.importer import ImportOptions
+from agent.importer.eager import LayerStore
 from agent.importer.unpack import ChainGraph, ChainLayer, Node, ParallelUnpack
 
 

@@ -12,12 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import boundedjson, platforms, refs
+from agent import boundedjson
 from agent.archive import limits
 from agent.archive.compression import Compression
 from agent.archive.tarstream import safe_name
 from agent.errors import ArchiveError
-from agent.platforms import Platform
+from agent.image import platforms, refs
+from agent.image.platforms import Platform
 
 # No metadata document is allowed to be larger than this.
 MAX_JSON = 4 << 20

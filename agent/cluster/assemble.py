@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent import refs
-from agent.lists import Entry, Problem
+from agent.image import refs
+from agent.image.lists import Entry, Problem
 
 UDI_REPOSITORIES = ("quay.io/devfile/universal-developer-image",)
 

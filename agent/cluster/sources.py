@@ -15,8 +15,9 @@ from typing import Any
 
 import yaml
 
-from agent import boundedjson, lists
-from agent.lists import Entry, Problem
+from agent import boundedjson
+from agent.image import lists
+from agent.image.lists import Entry, Problem
 
 EDITORS_PATH = "/dashboard/api/editors"
 SAMPLES_PATH = "/dashboard/api/airgap-sample"

@@ -35,11 +35,11 @@ import aiohttp
 import structlog
 from multidict import CIMultiDict
 
-from agent import lists
 from agent.cluster import schema
 from agent.cluster.bodies import BodyTooLarge, read_whole
-from agent.daemon.state import write_atomic
 from agent.errors import AgentError
+from agent.image import lists
+from agent.node.state import write_atomic
 from agent.pull.engine import Puller
 
 SOURCE = "cluster"

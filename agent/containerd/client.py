@@ -20,11 +20,11 @@ from agent._proto.containerd.types import mount_pb2
 from agent.containerd.content import Blob, ContentService, ContentStore
 from agent.containerd.cri import CriImage, CriService
 from agent.containerd.images import ImageRecord, ImageService, Put
-from agent.containerd.labels import LEASE_PREFIX
 from agent.containerd.leases import LeaseService
 from agent.containerd.rpc import MAX_MESSAGE, Rpc, translate
 from agent.containerd.snapshots import SnapshotService
 from agent.errors import Cancelled
+from agent.image.labels import LEASE_PREFIX
 
 K3S_SOCKET = "/run/k3s/containerd/containerd.sock"
 CONTAINERD_SOCKET = "/run/containerd/containerd.sock"

@@ -13,9 +13,9 @@ import grpc
 from google.protobuf import field_mask_pb2
 
 from agent._proto.containerd.services.content.v1 import content_pb2, content_pb2_grpc
-from agent.containerd.labels import LEASE_PREFIX
 from agent.containerd.rpc import Rpc
 from agent.errors import AlreadyExists, ContainerdError, NotFound
+from agent.image.labels import LEASE_PREFIX
 
 # Requests in flight on a content write before we wait for containerd.
 WRITE_WINDOW = 4

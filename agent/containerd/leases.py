@@ -7,9 +7,9 @@ import datetime as dt
 import uuid
 
 from agent._proto.containerd.services.leases.v1 import leases_pb2, leases_pb2_grpc
-from agent.containerd.labels import GC_EXPIRE, LEASE_PREFIX
 from agent.containerd.rpc import Rpc
 from agent.errors import NotFound
+from agent.image.labels import GC_EXPIRE, LEASE_PREFIX
 
 
 class LeaseService:

@@ -31,15 +31,15 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
-from agent import platforms
 from agent.archive import layout
 from agent.archive.compression import Compression
 from agent.archive.layout import Descriptor
-from agent.containerd.labels import GC_CONTENT, GC_SNAPSHOT, MANAGED_LABEL, PINNED_LABEL
-from agent.eager import EagerUnpacker, LayerStore
 from agent.errors import ArchiveError, Cancelled, ContainerdError, UsageError
+from agent.image import platforms
+from agent.image.labels import GC_CONTENT, GC_SNAPSHOT, MANAGED_LABEL, PINNED_LABEL
 from agent.importer import prescan
 from agent.importer.commit import Commit
+from agent.importer.eager import EagerUnpacker, LayerStore
 from agent.importer.ingest import Ingest
 from agent.importer.model import (
     BUNDLE_CONTENTS,

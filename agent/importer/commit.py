@@ -23,10 +23,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TypeVar
 
-from agent import refs
 from agent.archive import layout
 from agent.containerd.images import ImageRecord
-from agent.containerd.labels import (
+from agent.errors import ArchiveError, ContainerdError
+from agent.image import refs
+from agent.image.labels import (
     GC_SNAPSHOT,
     MANAGED_LABEL,
     MANAGED_VALUE,
@@ -35,8 +36,7 @@ from agent.containerd.labels import (
     distribution_source,
     merge_sources,
 )
-from agent.eager import LayerStore
-from agent.errors import ArchiveError, ContainerdError
+from agent.importer.eager import LayerStore
 from agent.importer.ingest import check_stop
 from agent.importer.model import ImagePlan, ImportedImage, ImportOptions, Resolution
 from agent.importer.store import ImportTarget

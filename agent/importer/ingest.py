@@ -18,8 +18,8 @@ from agent.archive import layout
 from agent.archive.compression import Compression, detect
 from agent.archive.tarstream import Member, Reader, walk
 from agent.containerd.content import ContentStore
-from agent.eager import EagerUnpacker, looks_like_layer
 from agent.errors import ArchiveError, Cancelled, ContainerdError
+from agent.importer.eager import EagerUnpacker, looks_like_layer
 from agent.importer.model import BUNDLE_CONTENTS, Progress, ProgressFn
 
 CHUNK = 512 << 10

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.archive.layout import Descriptor, ImageConfig, Manifest
-from agent.platforms import Platform
+from agent.image.platforms import Platform
 
 CRI_NAMESPACE = "k8s.io"  # the namespace the CRI, and so the kubelet, reads
 # The contents list written into bundles by ``image-agent bundle``.

@@ -11,15 +11,15 @@ import dataclasses
 import threading
 from typing import Protocol
 
-from agent import refs
 from agent.archive import layout
 from agent.archive.compression import Compression
 from agent.archive.layout import Descriptor, ImageConfig, Manifest
-from agent.containerd.labels import GC_CONTENT, UNCOMPRESSED_LABEL
 from agent.errors import ArchiveError, PlatformMismatch
+from agent.image import refs
+from agent.image.labels import GC_CONTENT, UNCOMPRESSED_LABEL
+from agent.image.platforms import Platform
 from agent.importer.ingest import check_stop
 from agent.importer.model import ImagePlan, ImportOptions, Resolution, Selected
-from agent.platforms import Platform
 
 # Indexes inside indexes, at most.
 MAX_INDEX_DEPTH = 4

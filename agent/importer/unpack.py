@@ -21,8 +21,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from agent.archive.layout import Descriptor, chain_id
-from agent.eager import LayerStore, apply_layer
 from agent.errors import AgentError, Cancelled
+from agent.importer.eager import LayerStore, apply_layer
 from agent.importer.trace import QUIET, Timeline
 
 PENDING, RUNNING, DONE, FAILED = "pending", "running", "done", "failed"

@@ -8,8 +8,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent import refs
 from agent.errors import UsageError
+from agent.image import refs
 
 _DOCKER_HUB_KEYS = {"index.docker.io", "registry-1.docker.io", "docker.io"}
 

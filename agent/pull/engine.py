@@ -21,9 +21,9 @@ from typing import Any, Protocol
 import structlog
 
 from agent.containerd.cri import CriImage
-from agent.containerd.labels import PINNED_LABEL, PINNED_VALUE
 from agent.errors import AgentError
-from agent.lists import Entry, Problem
+from agent.image.labels import PINNED_LABEL, PINNED_VALUE
+from agent.image.lists import Entry, Problem
 from agent.pull import auth
 from agent.pull.status import (
     Failure,

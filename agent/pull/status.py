@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from agent import refs
 from agent.errors import AgentError, ContainerdError, ContainerdUnavailable
+from agent.image import refs
 
 
 class PullState(StrEnum):

@@ -14,10 +14,10 @@ import tarfile
 
 import lz4.frame
 
-from agent import samples
 from agent.archive import layout
+from agent.image.platforms import Platform
 from agent.importer import BUNDLE_CONTENTS
-from agent.platforms import Platform
+from agent.testing import samples
 from tests.fuzz.run import CORPUS
 
 AMD64 = Platform("linux", "amd64")

@@ -11,11 +11,11 @@ import os
 import tempfile
 from collections.abc import Callable
 
-from agent import lists, refs
+from agent.airgap.verify import verify
 from agent.archive import layout, limits
 from agent.cluster import schema
 from agent.errors import ArchiveError
-from agent.verify import verify
+from agent.image import lists, refs
 
 # Small bounds keep each execution fast; the checks are the same.
 FUZZ_LIMITS = limits.Limits(

@@ -32,8 +32,8 @@ from http.client import HTTPResponse
 from agent import boundedjson
 from agent.archive import layout
 from agent.errors import AgentError
+from agent.image.refs import Reference
 from agent.pull import auth
-from agent.refs import Reference
 
 MANIFEST_ACCEPT = ", ".join(
     [layout.OCI_INDEX, layout.DOCKER_LIST, layout.OCI_MANIFEST, layout.DOCKER_MANIFEST]

@@ -22,16 +22,18 @@ from typing import TYPE_CHECKING, TypedDict
 
 import structlog
 
-from agent import __version__, config, logs, platforms, report
+from agent import __version__, config, logs
+from agent.cli import render as report
 from agent.containerd.client import Containerd, CriImage, default_address
 from agent.errors import AgentError, ArchiveError, ContainerdUnavailable, UsageError
+from agent.image import platforms
 from agent.importer import PINNED_LABEL, Importer, ImportOptions, ImportResult, Progress
 from agent.pull import auth as pull_auth
 from agent.pull.engine import Puller
 
 if TYPE_CHECKING:
     from agent.cluster.sync import ClusterSync
-    from agent.daemon.service import Daemon
+    from agent.node.service import Daemon
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -359,8 +361,8 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, stop: threading.Event) -> int:
-    from agent import samples
-    from agent.sandbox import PrivateContainerd
+    from agent.testing import samples
+    from agent.testing.sandbox import PrivateContainerd
 
     if os.geteuid() != 0:
         raise UsageError("the demo starts a private containerd, which needs root (try sudo)")
@@ -426,13 +428,13 @@ def _containerd_root(text: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
-    from agent.daemon.archives import ImportedImages, Settings
-    from agent.daemon.health import ProgressSink
-    from agent.daemon.lock import StateLock
-    from agent.daemon.metrics import Metrics, serve
-    from agent.daemon.notify import Notifier
-    from agent.daemon.service import OWNER, OWNER_LABEL, Daemon
-    from agent.daemon.state import Store
+    from agent.node.archives import ImportedImages, Settings
+    from agent.node.health import ProgressSink
+    from agent.node.lock import StateLock
+    from agent.node.metrics import Metrics, serve
+    from agent.node.notify import Notifier
+    from agent.node.service import OWNER, OWNER_LABEL, Daemon
+    from agent.node.state import Store
 
     _apply_limits(args)
     dcfg = config.resolve(config.DaemonConfig, args)
@@ -525,9 +527,9 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.daemon.plan import escape
-    from agent.daemon.state import Store
-    from agent.daemon.status import status_doc
+    from agent.node.plan import escape
+    from agent.node.state import Store
+    from agent.node.status import status_doc
 
     doc = status_doc(Store(_state_dir(args), readonly=True))
     if args.output == "json":
@@ -574,7 +576,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from agent.daemon.state import Store
+    from agent.node.state import Store
 
     store = Store(_state_dir(args))
     for path in args.paths:
@@ -610,7 +612,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     """Pull REFs now (ImageStatus first, PullImage if absent), pin them, report each."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from agent import refs
+    from agent.image import refs
     from agent.pull.engine import classify
 
     pcfg = config.resolve(config.PullConfig, args)
@@ -640,8 +642,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from agent import bundle, lists
-    from agent.registry import RegistryClient
+    from agent.airgap import bundle
+    from agent.airgap.registry import RegistryClient
+    from agent.image import lists
 
     _apply_limits(args)
     try:
@@ -697,7 +700,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from agent.verify import verify
+    from agent.airgap.verify import verify
 
     _apply_limits(args)
     failed = 0

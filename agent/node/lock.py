@@ -7,8 +7,8 @@ import fcntl
 import os
 from pathlib import Path
 
-from agent.daemon.state import write_atomic
 from agent.errors import AgentError
+from agent.node.state import write_atomic
 
 LOCK_FILE = "lock"
 

@@ -1,15 +1,15 @@
 """The daemon: one thread per duty, started and watched here.
 
-- archives (agent.daemon.archives): files in the images directory, imports, reconcile;
-- pull lists (agent.daemon.pull_lists): ``.txt`` lists into the puller;
-- health (agent.daemon.health): containerd probe, metrics, status record, progress;
+- archives (agent.node.archives): files in the images directory, imports, reconcile;
+- pull lists (agent.node.pull_lists): ``.txt`` lists into the puller;
+- health (agent.node.health): containerd probe, metrics, status record, progress;
 - watchdog: WATCHDOG=1 to systemd while every duty is alive;
 - the file watcher (watchdog's observer) only queues paths for the duties.
 
 Nothing calls back into a duty: they share events and published values.
 A duty that dies is logged once (with its traceback), takes /healthz down
 and stops the watchdog pings, so systemd restarts the daemon.
-agent/cli.py builds every part and passes it in (the one wiring point).
+agent/cli/ builds every part and passes it in (the one wiring point).
 """
 
 from __future__ import annotations
@@ -33,18 +33,18 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver
 
 from agent.containerd.client import Containerd
-from agent.daemon import plan
-from agent.daemon.archives import ArchivesDuty, ImportedImages, Settings
-from agent.daemon.beat import Heartbeats
-from agent.daemon.files import Kind
-from agent.daemon.health import HEARTBEAT_S, HealthDuty, ProgressSink, Watchdog
-from agent.daemon.metrics import Metrics
-from agent.daemon.notify import Notifier
-from agent.daemon.pull_lists import PullListsDuty
-from agent.daemon.reconcile import OWNER, OWNER_LABEL
-from agent.daemon.state import Record, Store
-from agent.daemon.status import status_doc
 from agent.importer import Importer
+from agent.node import plan
+from agent.node.archives import ArchivesDuty, ImportedImages, Settings
+from agent.node.beat import Heartbeats
+from agent.node.files import Kind
+from agent.node.health import HEARTBEAT_S, HealthDuty, ProgressSink, Watchdog
+from agent.node.metrics import Metrics
+from agent.node.notify import Notifier
+from agent.node.pull_lists import PullListsDuty
+from agent.node.reconcile import OWNER, OWNER_LABEL
+from agent.node.state import Record, Store
+from agent.node.status import status_doc
 from agent.pull.engine import Puller
 
 JOIN_S = 5.0  # all duties together, at stop (TimeoutStopSec is 20 s)
@@ -209,7 +209,7 @@ class Daemon:
         return dead
 
     def stuck(self) -> list[str]:
-        """Duties that stopped turning (agent.daemon.beat: STALE_S, BUSY_STALE_S)."""
+        """Duties that stopped turning (agent.node.beat: STALE_S, BUSY_STALE_S)."""
         return self.beats.stuck()
 
     def alive(self) -> bool:

@@ -17,7 +17,7 @@ from typing import BinaryIO
 import zstandard
 
 from agent.archive import layout
-from agent.platforms import Platform
+from agent.image.platforms import Platform
 
 
 @dataclass(frozen=True)

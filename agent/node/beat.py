@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from agent.daemon import plan
+from agent.node import plan
 
 # A duty that has not turned for this long is taken as wedged (no watchdog
 # pings, /healthz down). Every loop turns at least every 10 s when idle.

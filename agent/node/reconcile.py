@@ -14,10 +14,10 @@ from typing import Protocol
 
 import structlog
 
-from agent.daemon import files, plan
-from agent.daemon.state import Record, State
 from agent.errors import AgentError, ContainerdUnavailable
 from agent.importer import PINNED_LABEL
+from agent.node import files, plan
+from agent.node.state import Record, State
 
 OWNER_LABEL = "image-agent/owner"
 OWNER = "daemon"

@@ -6,7 +6,7 @@ the tests agree on them.
 
 from __future__ import annotations
 
-from agent import refs
+from agent.image import refs
 
 # The CRI (1.29+ kubelets) keeps images with this label out of image GC.
 PINNED_LABEL = "io.cri-containerd.pinned"

@@ -17,14 +17,14 @@ from typing import Any, Protocol
 
 import structlog
 
-from agent.daemon import plan
-from agent.daemon.archives import ArchivesDuty
-from agent.daemon.beat import Heartbeat
-from agent.daemon.metrics import Metrics
-from agent.daemon.notify import Notifier
-from agent.daemon.state import StateError
 from agent.errors import ContainerdError, ContainerdUnavailable
 from agent.importer import Progress
+from agent.node import plan
+from agent.node.archives import ArchivesDuty
+from agent.node.beat import Heartbeat
+from agent.node.metrics import Metrics
+from agent.node.notify import Notifier
+from agent.node.state import StateError
 
 HEARTBEAT_S = 10.0  # the status record is rewritten this often
 TICK_S = 1.0

@@ -19,7 +19,7 @@ from typing import BinaryIO
 import zstandard
 
 from agent.archive.compression import Compression, detect
-from agent.platforms import Platform
+from agent.image.platforms import Platform
 
 ARCHIVE_SUFFIXES = (
     ".tar",

@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from agent.archive import layout
 from agent.archive.compression import Compression
 from agent.containerd.content import ContentStore
-from agent.containerd.labels import UNCOMPRESSED_LABEL
 from agent.containerd.snapshots import SnapshotStore
 from agent.errors import AgentError, AlreadyExists, ArchiveError
+from agent.image.labels import UNCOMPRESSED_LABEL
 
 if TYPE_CHECKING:
     from agent.importer.trace import Timeline

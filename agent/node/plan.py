@@ -6,9 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from agent.daemon.files import Kind, Stat
-from agent.daemon.state import Record, State
-from agent.platforms import Platform
+from agent.image.platforms import Platform
+from agent.node.files import Kind, Stat
+from agent.node.state import Record, State
 
 PULL_LIST_REASON = "pull list (pre-pull handles these; not imported as an archive)"
 # Imports in a row that the daemon did not survive (crash, OOM kill) before the

@@ -6,8 +6,8 @@ import os
 import time
 from typing import Any
 
-from agent.daemon.health import HEARTBEAT_S
-from agent.daemon.state import StateError, Store
+from agent.node.health import HEARTBEAT_S
+from agent.node.state import StateError, Store
 
 
 def status_doc(store: Store) -> dict[str, Any]:

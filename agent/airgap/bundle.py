@@ -23,12 +23,13 @@ from pathlib import Path
 
 import zstandard
 
-from agent import __version__, refs
+from agent import __version__
+from agent.airgap.registry import RegistryClient, RegistryError
 from agent.archive import layout, limits
 from agent.errors import AgentError
+from agent.image import refs
+from agent.image.platforms import Platform
 from agent.importer import BUNDLE_CONTENTS
-from agent.platforms import Platform
-from agent.registry import RegistryClient, RegistryError
 
 RESUME_ATTEMPTS = 3
 # Sizes from 8 GiB on need a pax header in the tar.

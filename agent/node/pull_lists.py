@@ -1,6 +1,6 @@
 """The pull-lists duty: ``.txt`` lists (images directory, ``--pull-list``) into the puller.
 
-A list is read whole once it has held still (:func:`agent.daemon.plan.list_settled`),
+A list is read whole once it has held still (:func:`agent.node.plan.list_settled`),
 and again whenever its size or mtime changes. Its own thread and queue.
 """
 
@@ -17,10 +17,10 @@ from typing import Protocol
 
 import structlog
 
-from agent import lists
-from agent.daemon import files, plan
-from agent.daemon.beat import Heartbeat
-from agent.daemon.files import Kind
+from agent.image import lists
+from agent.node import files, plan
+from agent.node.beat import Heartbeat
+from agent.node.files import Kind
 
 IDLE_WAKE_S = 10.0
 RESCAN_S = 300.0  # lists whose events were lost (inotify overflow) are found within this

@@ -1,9 +1,9 @@
-"""The archives duty: watch the images directory, decide (agent.daemon.plan), import one at a time.
+"""The archives duty: watch the images directory, decide (agent.node.plan), import one at a time.
 
 It owns the archive records: only its thread reads or changes them. Others
 see what it publishes (pending count, imported images, a snapshot) and talk
 to it through its event queue and the ``containerd_back`` event. Every
-decision is in :mod:`agent.daemon.plan`; :meth:`ArchivesDuty.step` is one
+decision is in :mod:`agent.node.plan`; :meth:`ArchivesDuty.step` is one
 turn of the loop and runs in tests without threads or sleeping.
 """
 
@@ -21,13 +21,13 @@ from typing import Protocol
 
 import structlog
 
-from agent.daemon import files, plan, reconcile
-from agent.daemon.beat import Heartbeat
-from agent.daemon.metrics import Metrics
-from agent.daemon.state import Record, State, StateError
 from agent.errors import AgentError, ArchiveError, Cancelled, ContainerdUnavailable
+from agent.image.platforms import Platform
 from agent.importer import ImportResult
-from agent.platforms import Platform
+from agent.node import files, plan, reconcile
+from agent.node.beat import Heartbeat
+from agent.node.metrics import Metrics
+from agent.node.state import Record, State, StateError
 
 IDLE_WAKE_S = 10.0
 FLUSH_S = 1.0  # records that only track a copy in progress are written at most this often
@@ -57,7 +57,7 @@ class ArchiveImporter(Protocol):
 
 
 class RecordStore(Protocol):
-    """What the duty needs of :class:`agent.daemon.state.Store`."""
+    """What the duty needs of :class:`agent.node.state.Store`."""
 
     @property
     def requests_dir(self) -> Path: ...

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from agent import refs
+from agent.image import refs
 
 # A list larger than this is refused whole: 4 MiB is about 40,000 references,
 # ten times the longest list seen (Che's merged external_images.txt).
