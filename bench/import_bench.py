@@ -39,6 +39,14 @@ OUT = ROOT / "bench" / "out"
 class Run:
     seconds: float
     peak_rss_mib: float
+    #: CPU seconds of the client (and its feeder) plus containerd's during the run.
+    cpu_s: float = 0.0
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds a running process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_measured(
@@ -47,8 +55,13 @@ def run_measured(
     stdin_cmd: list[str] | None = None,
     env: dict[str, str] | None = None,
     stderr: IO[bytes] | None = None,
+    server_pid: int | None = None,
 ) -> Run:
-    """Run ``cmd`` (optionally fed by ``stdin_cmd``); wall time and the command's own peak RSS."""
+    """Run ``cmd`` (optionally fed by ``stdin_cmd``): wall time, its own peak RSS, and CPU.
+
+    The CPU figure adds the command's, its feeder's and (``server_pid``) containerd's.
+    """
+    server_before = cpu_seconds(server_pid) if server_pid else 0.0
     start = time.monotonic()
     feeder = subprocess.Popen(stdin_cmd, stdout=subprocess.PIPE) if stdin_cmd else None
     proc = subprocess.Popen(
@@ -63,16 +76,30 @@ def run_measured(
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.monotonic() - start
+    cpu = usage.ru_utime + usage.ru_stime
     if feeder:
-        feeder.wait()
+        _, _, feeder_usage = os.wait4(feeder.pid, 0)
+        feeder.returncode = 0
+        cpu += feeder_usage.ru_utime + feeder_usage.ru_stime
+    if server_pid:
+        cpu += cpu_seconds(server_pid) - server_before
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}")
-    return Run(elapsed, usage.ru_maxrss / 1024)
+    return Run(elapsed, usage.ru_maxrss / 1024, cpu)
 
 
-def ours(address: str, archive: Path, extra: tuple[str, ...] = ()) -> Run:
-    env = dict(os.environ, CONTAINERD_ADDRESS=address)
-    return run_measured([sys.executable, "-m", "agent", "import", *extra, str(archive)], env=env)
+def server_pid(c: PrivateContainerd) -> int:
+    assert c.proc is not None, "containerd is not running"
+    return c.proc.pid
+
+
+def ours(c: PrivateContainerd, archive: Path, extra: tuple[str, ...] = ()) -> Run:
+    env = dict(os.environ, CONTAINERD_ADDRESS=c.address)
+    return run_measured(
+        [sys.executable, "-m", "agent", "import", *extra, str(archive)],
+        env=env,
+        server_pid=server_pid(c),
+    )
 
 
 def traced(archive: Path, out: Path, extra: tuple[str, ...] = (), *, prescan: bool = True) -> None:
@@ -133,10 +160,11 @@ def summarize(path: Path) -> str:
     return "\n".join(lines)
 
 
-def theirs(address: str, archive: Path) -> Run:
+def theirs(c: PrivateContainerd, archive: Path) -> Run:
     return run_measured(
-        [CTR, "-a", address, "-n", "k8s.io", "images", "import", "-"],
+        [CTR, "-a", c.address, "-n", "k8s.io", "images", "import", "-"],
         stdin_cmd=["zstd", "-dc", str(archive)],
+        server_pid=server_pid(c),
     )
 
 
@@ -203,9 +231,9 @@ def main() -> int:
             return 0
 
     runs: dict[str, list[Run]] = {}
-    tools: list[tuple[str, Callable[[str, Path], Run]]] = [
+    tools: list[tuple[str, Callable[[PrivateContainerd, Path], Run]]] = [
         ("ctr", theirs),
-        ("image-agent", lambda address, path: ours(address, path, extra)),
+        ("image-agent", lambda c, path: ours(c, path, extra)),
     ]
     for round_ in range(args.rounds):
         # Alternate who goes first; settle the disk before every measured run so
@@ -214,9 +242,9 @@ def main() -> int:
             subprocess.run(["sync"], check=True)
             c = fresh(name)
             try:
-                runs.setdefault(f"{name} first", []).append(fn(c.address, archive))
+                runs.setdefault(f"{name} first", []).append(fn(c, archive))
                 subprocess.run(["sync"], check=True)
-                runs.setdefault(f"{name} again", []).append(fn(c.address, archive))
+                runs.setdefault(f"{name} again", []).append(fn(c, archive))
             finally:
                 c.cleanup()
             subprocess.run(["sync"], check=True)
@@ -224,12 +252,12 @@ def main() -> int:
     def best(key: str) -> Run:
         return min(runs[key], key=lambda r: r.seconds)
 
-    title = f"run (best of {args.rounds})"
-    print(f"{title:<24}{'seconds':>10}{'all runs':>24}{'peak RSS MiB':>15}")
+    print(f"{'run':<20}{'best s':>8}{'median CPU s':>14}{'peak RSS MiB':>14}  all runs (s)")
     for key, rs in runs.items():
         all_s = " ".join(f"{r.seconds:.1f}" for r in rs)
         peak = max(r.peak_rss_mib for r in rs)
-        print(f"{key:<24}{best(key).seconds:>10.2f}{all_s:>24}{peak:>15.1f}")
+        cpu = statistics.median(r.cpu_s for r in rs)
+        print(f"{key:<20}{best(key).seconds:>8.2f}{cpu:>14.1f}{peak:>14.1f}  {all_s}")
     # This machine's speed drifts between runs (shared host, disk discards);
     # each round's pair ran back to back, so its ratio is the fairer figure.
     labels = {"first": "first import, with unpack", "again": "re-import (content present)"}
