@@ -112,7 +112,7 @@ def traced(archive: Path, out: Path, extra: tuple[str, ...] = (), *, prescan: bo
     command = ["agent", "import", *extra] if prescan else ["bench.stream_import"]
     try:
         env = dict(os.environ, CONTAINERD_ADDRESS=c.address, IMAGE_AGENT_LOG_LEVEL="debug")
-        with open(out, "wb") as f:
+        with out.open("wb") as f:
             run = run_measured([sys.executable, "-m", *command, str(archive)], env=env, stderr=f)
     finally:
         c.cleanup()
@@ -174,7 +174,7 @@ def fresh(tag: str) -> PrivateContainerd:
     return c
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument(
         "--archive", type=Path, help="archive to import (default: generate ~1.1 GB)"
@@ -203,41 +203,39 @@ def main() -> int:
     parser.add_argument(
         "--agent-args", default="", help="extra options for image-agent import (space-separated)"
     )
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def the_archive(args: argparse.Namespace) -> Path:
+    """The archive the arguments name, generated (deterministically) unless given."""
     if args.archive:
-        archive = args.archive
-    elif args.bundle:
+        return Path(args.archive)
+    if args.bundle:
         app = gen.BUNDLE_APP_SMALL if args.light else gen.BUNDLE_APP
         light = "-light" if args.light else ""
-        archive = gen.make_bundle(
+        return gen.make_bundle(
             OUT / f"bundle-{args.bundle}{light}.tar.zst", OUT / "work", args.bundle, app
         )
-    elif args.small:
+    if args.small:
         small = tuple(
             gen.LayerSpec(s.small_files // 10, s.big_files, s.big_size // 10)
             for s in gen.DEFAULT_LAYERS
         )
-        archive = gen.make_archive(OUT / "bench-small.tar.zst", OUT / "work", small)
-    else:
-        archive = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
-    print(f"archive {archive} ({archive.stat().st_size / 1e6:.0f} MB compressed)")
-    subprocess.run(
-        ["cat", str(archive)], stdout=subprocess.DEVNULL, check=True
-    )  # warm the page cache
-    extra = tuple(args.agent_args.split())
-    if args.trace:
-        traced(archive, args.trace, extra, prescan=not args.no_prescan)
-        if args.only_trace:
-            return 0
+        return gen.make_archive(OUT / "bench-small.tar.zst", OUT / "work", small)
+    return gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
 
+
+Tool = Callable[[PrivateContainerd, Path], Run]
+
+
+def paired_rounds(
+    tools: list[tuple[str, Tool]], archive: Path, rounds: int
+) -> dict[str, list[Run]]:
+    """Each round: every tool imports into a fresh containerd, then again; order alternates."""
     runs: dict[str, list[Run]] = {}
-    tools: list[tuple[str, Callable[[PrivateContainerd, Path], Run]]] = [
-        ("ctr", theirs),
-        ("image-agent", lambda c, path: ours(c, path, extra)),
-    ]
-    for round_ in range(args.rounds):
-        # Alternate who goes first; settle the disk before every measured run so
-        # neither pays for the other's writeback.
+    for round_ in range(rounds):
+        # Settle the disk before every measured run so neither pays for the
+        # other's writeback.
         for name, fn in tools if round_ % 2 == 0 else tools[::-1]:
             subprocess.run(["sync"], check=True)
             c = fresh(name)
@@ -248,6 +246,11 @@ def main() -> int:
             finally:
                 c.cleanup()
             subprocess.run(["sync"], check=True)
+    return runs
+
+
+def report(runs: dict[str, list[Run]]) -> None:
+    """Per run: best time, median CPU, peak RSS; then each round's ratio and their median."""
 
     def best(key: str) -> Run:
         return min(runs[key], key=lambda r: r.seconds)
@@ -272,6 +275,25 @@ def main() -> int:
             f"{label}: image-agent is {statistics.median(pairs):.2f}x ctr "
             f"(median of rounds {each}; best vs best {best_ratio:.2f}x)"
         )
+
+
+def main() -> int:
+    args = parse_args()
+    archive = the_archive(args)
+    print(f"archive {archive} ({archive.stat().st_size / 1e6:.0f} MB compressed)")
+    subprocess.run(
+        ["cat", str(archive)], stdout=subprocess.DEVNULL, check=True
+    )  # warm the page cache
+    extra = tuple(args.agent_args.split())
+    if args.trace:
+        traced(archive, args.trace, extra, prescan=not args.no_prescan)
+        if args.only_trace:
+            return 0
+    tools: list[tuple[str, Tool]] = [
+        ("ctr", theirs),
+        ("image-agent", lambda c, path: ours(c, path, extra)),
+    ]
+    report(paired_rounds(tools, archive, args.rounds))
     return 0
 
 
