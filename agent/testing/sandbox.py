@@ -61,6 +61,8 @@ _CRI_V2 = """
     config_path = "{base}/certs.d"
 """
 
+_CONFIG_V3_MAJOR = 2  # containerd releases from this major on take config version 3
+
 # containerd 2.x's native version 3: the CRI plugin is split into images,
 # runtime and the gRPC server.
 _CRI_V3 = """
@@ -163,7 +165,7 @@ class PrivateContainerd:
         for sub in ("root", "state", "opt", "cni/bin", "cni/conf", "certs.d"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         config = self.base / "config.toml"
-        version, cri = (3, _CRI_V3) if self.release.major >= 2 else (2, _CRI_V2)
+        version, cri = (3, _CRI_V3) if self.release.major >= _CONFIG_V3_MAJOR else (2, _CRI_V2)
         config.write_text(
             (_COMMON + cri).format(
                 version=version,
