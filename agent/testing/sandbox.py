@@ -177,7 +177,7 @@ class PrivateContainerd:
         sock = Path(self.address)
         if sock.exists():
             sock.unlink()
-        log = open(self.log_path, "ab")
+        log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [self.binary, "--config", str(config)],
             stdout=log,
@@ -197,13 +197,14 @@ class PrivateContainerd:
                     raise AgentError(
                         f"containerd exited with {self.proc.returncode}; see {self.log_path}"
                     )
-                if os.path.exists(self.address):
+                if Path(self.address).exists():
                     try:
                         client.version()
                         client.cri_images()
-                        return
                     except ContainerdUnavailable as err:
                         last = err
+                    else:
+                        return
                 time.sleep(0.05)
         raise AgentError(f"containerd did not become ready in {timeout:.0f}s ({last})")
 
@@ -230,7 +231,7 @@ class PrivateContainerd:
         """Unmount anything left under the base directory and remove it."""
         self.stop()
         mounts = []
-        with open("/proc/self/mounts") as f:
+        with Path("/proc/self/mounts").open() as f:
             for line in f:
                 target = line.split()[1]
                 if target.startswith(str(self.base) + "/"):
