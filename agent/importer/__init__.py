@@ -161,9 +161,14 @@ class Importer:
             raise UsageError("this store cannot unpack layers (import with unpack=False)")
         return self.client
 
-    def _run(
-        self, raw: BinaryIO, name: str, size: int, lease: str, commit: Commit, reread: str
-    ) -> ImportResult:
+    def _stages(
+        self, name: str, size: int, lease: str, commit: Commit, reread: str
+    ) -> tuple[Ingest, ParallelUnpack | None, prescan.Prescan | None]:
+        """The ingest, and the early unpacker and pre-scan feeding it when they are worth it.
+
+        With a file to re-read and more than one layer at a time, layers are
+        applied as they land; else, with unpacking, one after another.
+        """
         timeline = commit.timeline
         early = scan = None
         concurrency = self.options.unpack_concurrency
@@ -194,6 +199,13 @@ class Importer:
             ingest.eager = EagerUnpacker(
                 commit.unpacker, self.options.snapshotter, lease, self.stop, timeline
             )
+        return ingest, early, scan
+
+    def _run(
+        self, raw: BinaryIO, name: str, size: int, lease: str, commit: Commit, reread: str
+    ) -> ImportResult:
+        timeline = commit.timeline
+        ingest, early, scan = self._stages(name, size, lease, commit, reread)
         try:
             with timeline.phase("stream"):
                 ingest.run(raw)
