@@ -23,12 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 
 from agent.cluster.tokens import node_token
-from agent.testing.processes import free_port
+from agent.testing.processes import free_port, wait_for
 
 SECRET = b"bench-node-secret-0123456789"
 
@@ -44,73 +45,97 @@ def report(node: int, images: list[str]) -> bytes:
     ).encode()
 
 
+class Nodes:
+    """The simulated nodes: their tokens and what each reports."""
+
+    def __init__(self, count: int, images: list[str]) -> None:
+        self.count = count
+        self.images = images
+        self.tokens = [node_token(SECRET, f"node-{n}") for n in range(count)]
+
+    def headers(self, n: int) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[n]}", "Content-Type": "application/json"}
+
+    def report(self, n: int) -> bytes:
+        return report(n, self.images)
+
+
 async def run(url: str, nodes: int, seconds: float, concurrency: int, images: list[str]) -> None:
-    tokens = [node_token(SECRET, f"node-{n}") for n in range(nodes)]
-
-    def headers(n: int) -> dict[str, str]:
-        return {"Authorization": f"Bearer {tokens[n]}", "Content-Type": "application/json"}
-
+    fleet = Nodes(nodes, images)
     conn = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=conn) as session:
-        sem = asyncio.Semaphore(concurrency)
-
-        async def put(n: int) -> None:
-            async with (
-                sem,
-                session.put(
-                    f"{url}/v1/nodes/node-{n}/status", data=report(n, images), headers=headers(n)
-                ) as r,
-            ):
-                assert r.status == 204, r.status
-
-        start = time.monotonic()
-        await asyncio.gather(*(put(n) for n in range(nodes)))
-        t = time.monotonic() - start
-        print(f"initial reports: {nodes} in {t:.1f} s ({nodes / t:.0f}/s)")
-
-        etags: dict[str, str] = {}
-        for z in range(4):
-            async with session.get(f"{url}/v1/images?labels=zone=z{z}") as r:
-                etags[f"z{z}"] = r.headers["ETag"]
-        latencies: list[float] = []
-        codes: dict[int, int] = {}
-        deadline = time.monotonic() + seconds
-        rng = random.Random(7)
-
-        async def worker() -> None:
-            while time.monotonic() < deadline:
-                n = rng.randrange(nodes)
-                t0 = time.monotonic()
-                if rng.random() < 0.9:
-                    z = f"z{n % 4}"
-                    async with session.get(
-                        f"{url}/v1/images?node=node-{n}&labels=zone={z}",
-                        headers={"If-None-Match": etags[z]},
-                    ) as r:
-                        await r.read()
-                        code = r.status
-                else:
-                    async with session.put(
-                        f"{url}/v1/nodes/node-{n}/status",
-                        data=report(n, images),
-                        headers=headers(n),
-                    ) as r:
-                        code = r.status
-                latencies.append(time.monotonic() - t0)
-                codes[code] = codes.get(code, 0) + 1
-
-        start = time.monotonic()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.monotonic() - start
-        latencies.sort()
-        p50 = latencies[len(latencies) // 2] * 1000
-        p99 = latencies[int(len(latencies) * 0.99)] * 1000
-        print(
-            f"mixed phase: {len(latencies)} requests in {elapsed:.1f} s = "
-            f"{len(latencies) / elapsed:.0f} requests/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-            f"status codes {dict(sorted(codes.items()))}"
-        )
+        await initial_reports(session, url, fleet, concurrency)
+        await mixed_phase(session, url, fleet, seconds, concurrency)
         await status_loop(session, url, seconds)
+
+
+async def initial_reports(
+    session: aiohttp.ClientSession, url: str, fleet: Nodes, concurrency: int
+) -> None:
+    """Every node reports its status once, ``concurrency`` at a time."""
+    sem = asyncio.Semaphore(concurrency)
+
+    async def put(n: int) -> None:
+        async with (
+            sem,
+            session.put(
+                f"{url}/v1/nodes/node-{n}/status", data=fleet.report(n), headers=fleet.headers(n)
+            ) as r,
+        ):
+            assert r.status == 204, r.status
+
+    start = time.monotonic()
+    await asyncio.gather(*(put(n) for n in range(fleet.count)))
+    t = time.monotonic() - start
+    print(f"initial reports: {fleet.count} in {t:.1f} s ({fleet.count / t:.0f}/s)")
+
+
+async def mixed_phase(
+    session: aiohttp.ClientSession, url: str, fleet: Nodes, seconds: float, concurrency: int
+) -> None:
+    """90% conditional GETs of a node's list, 10% status reports, for ``seconds``."""
+    etags: dict[str, str] = {}
+    for z in range(4):
+        async with session.get(f"{url}/v1/images?labels=zone=z{z}") as r:
+            etags[f"z{z}"] = r.headers["ETag"]
+    latencies: list[float] = []
+    codes: dict[int, int] = {}
+    deadline = time.monotonic() + seconds
+    rng = random.Random(7)  # noqa: S311 - a repeatable load mix, not a secret
+
+    async def worker() -> None:
+        while time.monotonic() < deadline:
+            n = rng.randrange(fleet.count)
+            t0 = time.monotonic()
+            if rng.random() < 0.9:
+                z = f"z{n % 4}"
+                async with session.get(
+                    f"{url}/v1/images?node=node-{n}&labels=zone={z}",
+                    headers={"If-None-Match": etags[z]},
+                ) as r:
+                    await r.read()
+                    code = r.status
+            else:
+                async with session.put(
+                    f"{url}/v1/nodes/node-{n}/status",
+                    data=fleet.report(n),
+                    headers=fleet.headers(n),
+                ) as r:
+                    code = r.status
+            latencies.append(time.monotonic() - t0)
+            codes[code] = codes.get(code, 0) + 1
+
+    start = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.monotonic() - start
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2] * 1000
+    p99 = latencies[int(len(latencies) * 0.99)] * 1000
+    print(
+        f"mixed phase: {len(latencies)} requests in {elapsed:.1f} s = "
+        f"{len(latencies) / elapsed:.0f} requests/s, p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+        f"status codes {dict(sorted(codes.items()))}"
+    )
 
 
 def pct(values: list[float], p: float) -> float:
@@ -153,6 +178,16 @@ async def status_loop(session: aiohttp.ClientSession, url: str, seconds: float) 
     )
 
 
+def healthy(url: str) -> bool:
+    """True once the server at ``url`` answers /healthz."""
+    try:
+        # The URL is built here: http on loopback.
+        with urllib.request.urlopen(url + "/healthz", timeout=1):  # noqa: S310 - see above
+            return True
+    except OSError:
+        return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nodes", type=int, default=10_000)
@@ -184,14 +219,7 @@ def main() -> int:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(100):
-            try:
-                import urllib.request
-
-                urllib.request.urlopen(url + "/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)  # waiting for the server process to listen
+        wait_for(lambda: healthy(url), 30, "the cluster server to listen")
         asyncio.run(
             run(
                 url,

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import subprocess
@@ -36,7 +37,7 @@ from pathlib import Path
 from agent.containerd import Containerd
 from agent.image import platforms
 from agent.testing import samples
-from agent.testing.processes import DaemonProcess
+from agent.testing.processes import DaemonProcess, NotifiedDaemon
 from agent.testing.sandbox import PrivateContainerd
 from bench import gen
 
@@ -82,7 +83,7 @@ def visible(client: Containerd, name: str) -> bool:
 def drop(src: Path, d: Daemon, name: str) -> None:
     tmp = d.images / f".{name}.tmp"
     subprocess.run(["cp", str(src), str(tmp)], check=True)
-    os.rename(tmp, d.images / name)
+    tmp.rename(d.images / name)
 
 
 def many(count: int, settle: float) -> int:
@@ -105,7 +106,7 @@ def many(count: int, settle: float) -> int:
         cpu0, rss_peak = d.cpu_rss()
         start = time.monotonic()
         for path in sorted(staging.iterdir()):
-            os.rename(path, d.images / path.name)
+            path.rename(d.images / path.name)
         done = 0
         while done < count:
             if time.monotonic() - start > 7200:
@@ -131,10 +132,6 @@ def many(count: int, settle: float) -> int:
 
 def watchdog(settle: float, usec: int) -> int:
     """Import the 1.1 GB archive under WATCHDOG_USEC over a real notify socket; longest ping gap."""
-    import contextlib
-
-    from agent.testing.processes import NotifiedDaemon
-
     big = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
     work = Path(tempfile.mkdtemp(prefix="ia-dwd-", dir="/tmp"))
     ctd = PrivateContainerd(work / "ctd")
@@ -147,7 +144,7 @@ def watchdog(settle: float, usec: int) -> int:
         subprocess.run(["cp", str(big), str(tmp)], check=True)
         pings: list[float] = []
         started = done = 0.0
-        os.rename(tmp, d.images / "big.tar.zst")
+        tmp.rename(d.images / "big.tar.zst")
         deadline = time.monotonic() + 1800
         next_look = 0.0
         while not done and time.monotonic() < deadline:
@@ -190,7 +187,6 @@ def main() -> int:
         return many(args.many, args.settle)
     if args.watchdog:
         return watchdog(args.settle, int(args.watchdog * 1e6))
-    node = platforms.node()
     work = Path(tempfile.mkdtemp(prefix="ia-dbench-", dir="/tmp"))
     ctd = PrivateContainerd(work / "ctd")
     ctd.start()
@@ -198,69 +194,82 @@ def main() -> int:
         client = Containerd(ctd.address)
         d = Daemon(ctd, work / "d", ["--settle", str(args.settle), "--listen", ""])
         d.start()
-
-        small = work / "small.tar"
-        small.write_bytes(
-            samples.oci_archive([samples.simple_image("lat:small", {"f": b"x" * 4096}, node)])
-        )
-        drop(small, d, "small.tar")
-        t_small = wait_until(lambda: visible(client, "docker.io/library/lat:small"))
-        print(
-            f"small archive: visible to CRI {t_small:.2f} s after it appeared "
-            f"(settle {args.settle:.1f} s)"
-        )
-        if not args.skip_big:
-            big = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
-            tmp = d.images / ".big.tmp"
-            subprocess.run(["cp", str(big), str(tmp)], check=True)
-            os.rename(tmp, d.images / "big.tar.zst")
-            t_big = wait_until(lambda: visible(client, "docker.io/library/bench:big"), 900, 0.1)
-            print(
-                f"1.1 GB archive: visible to CRI {t_big:.2f} s after it appeared "
-                f"(settle {args.settle:.1f} s, unpacked)"
-            )
-
-        archives = []
-        for i in range(50):
-            path = work / f"a{i:02}.tar"
-            path.write_bytes(
-                samples.oci_archive(
-                    [samples.simple_image(f"fifty/img{i}:1", {"f": os.urandom(64 << 10)}, node)]
-                )
-            )
-            archives.append(path)
-        for path in archives:
-            drop(path, d, path.name)
-        wait_until(
-            lambda: len(d.named("import.done")) >= 50 + 1 + (0 if args.skip_big else 1), 600, 0.1
-        )
+        latency(d, client, work, args.settle, args.skip_big)
+        archives = fifty(d, work, args.skip_big)
         d.stop()
-
-        startup = d.start_timed()
-        cpu0, _ = d.cpu_rss()
-        time.sleep(20)  # measuring idle cost: nothing to wait for
-        cpu1, rss = d.cpu_rss()
-        reimports = len(d.named("import.started"))
-        d.stop()
-        env = dict(os.environ, CONTAINERD_ADDRESS=ctd.address)
-        start = time.monotonic()
-        subprocess.run(
-            [sys.executable, "-m", "agent", "import", *map(str, archives)],
-            check=True,
-            stdout=subprocess.DEVNULL,
-            env=env,
-        )
-        t_all = time.monotonic() - start
-        print(
-            f"start-up with 50 processed archives: watching after {startup:.2f} s "
-            f"({reimports} re-imports); importing the 50 again "
-            f"(k3s without .cache.json) takes {t_all:.2f} s"
-        )
-        print(f"idle: {100 * (cpu1 - cpu0) / 20:.2f}% of one core, RSS {rss:.1f} MiB")
+        startup_and_idle(d, ctd, archives)
     finally:
         ctd.cleanup()
         subprocess.run(["rm", "-rf", str(work)], check=False)
     return 0
+
+
+def latency(d: Daemon, client: Containerd, work: Path, settle: float, skip_big: bool) -> None:
+    """Seconds from an archive appearing until the CRI lists its image: small, then 1.1 GB."""
+    small = work / "small.tar"
+    small.write_bytes(
+        samples.oci_archive(
+            [samples.simple_image("lat:small", {"f": b"x" * 4096}, platforms.node())]
+        )
+    )
+    drop(small, d, "small.tar")
+    t_small = wait_until(lambda: visible(client, "docker.io/library/lat:small"))
+    print(
+        f"small archive: visible to CRI {t_small:.2f} s after it appeared (settle {settle:.1f} s)"
+    )
+    if not skip_big:
+        big = gen.make_archive(OUT / "bench-1g.tar.zst", OUT / "work")
+        tmp = d.images / ".big.tmp"
+        subprocess.run(["cp", str(big), str(tmp)], check=True)
+        tmp.rename(d.images / "big.tar.zst")
+        t_big = wait_until(lambda: visible(client, "docker.io/library/bench:big"), 900, 0.1)
+        print(
+            f"1.1 GB archive: visible to CRI {t_big:.2f} s after it appeared "
+            f"(settle {settle:.1f} s, unpacked)"
+        )
+
+
+def fifty(d: Daemon, work: Path, skip_big: bool) -> list[Path]:
+    """Drop 50 archives of one small image each and wait until all are imported."""
+    node = platforms.node()
+    archives = []
+    for i in range(50):
+        path = work / f"a{i:02}.tar"
+        path.write_bytes(
+            samples.oci_archive(
+                [samples.simple_image(f"fifty/img{i}:1", {"f": os.urandom(64 << 10)}, node)]
+            )
+        )
+        archives.append(path)
+    for path in archives:
+        drop(path, d, path.name)
+    wait_until(lambda: len(d.named("import.done")) >= 50 + 1 + (0 if skip_big else 1), 600, 0.1)
+    return archives
+
+
+def startup_and_idle(d: Daemon, ctd: PrivateContainerd, archives: list[Path]) -> None:
+    """Start-up with the archives processed, idle cost, and importing them all again."""
+    startup = d.start_timed()
+    cpu0, _ = d.cpu_rss()
+    time.sleep(20)  # measuring idle cost: nothing to wait for
+    cpu1, rss = d.cpu_rss()
+    reimports = len(d.named("import.started"))
+    d.stop()
+    env = dict(os.environ, CONTAINERD_ADDRESS=ctd.address)
+    start = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-m", "agent", "import", *map(str, archives)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
+    t_all = time.monotonic() - start
+    print(
+        f"start-up with 50 processed archives: watching after {startup:.2f} s "
+        f"({reimports} re-imports); importing the 50 again "
+        f"(k3s without .cache.json) takes {t_all:.2f} s"
+    )
+    print(f"idle: {100 * (cpu1 - cpu0) / 20:.2f}% of one core, RSS {rss:.1f} MiB")
 
 
 if __name__ == "__main__":

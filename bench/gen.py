@@ -52,8 +52,8 @@ def _text(rng: random.Random, size: int) -> bytes:
 
 def write_layer(path: Path, spec: LayerSpec, seed: int) -> tuple[str, int]:
     """Write one layer tar; return its digest and size."""
-    rng = random.Random(seed)
-    with open(path, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
+    rng = random.Random(seed)  # noqa: S311 - repeatable sample data, not a secret
+    with path.open("wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for i in range(spec.small_files):
             data = _text(rng, rng.randint(4096, 12288))
             info = tarfile.TarInfo(f"usr/share/l{seed}/d{i % 97}/f{i}.txt")
@@ -64,7 +64,7 @@ def write_layer(path: Path, spec: LayerSpec, seed: int) -> tuple[str, int]:
             info.size, info.mtime, info.mode = spec.big_size, 0, 0o644
             tar.addfile(info, _RandomReader(rng, spec.big_size))
     digest = hashlib.sha256()
-    with open(path, "rb") as src:
+    with path.open("rb") as src:
         while chunk := src.read(4 * MiB):
             digest.update(chunk)
     return "sha256:" + digest.hexdigest(), path.stat().st_size
@@ -171,14 +171,14 @@ def make_bundle(
 def _write_zstd_tar(out: Path, files: dict[str, Path], docs: list[tuple[str, bytes]]) -> None:
     """Staged ``files`` then in-memory ``docs``, as one zstd-compressed tar, atomically."""
     partial = out.with_suffix(".partial")
-    with open(partial, "wb") as f:
+    with partial.open("wb") as f:
         zstd = subprocess.Popen(["zstd", "-q", "-3", "-T0", "-c"], stdin=subprocess.PIPE, stdout=f)
         assert zstd.stdin is not None
         with tarfile.open(fileobj=zstd.stdin, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for arcname, path in files.items():
                 info = tar.gettarinfo(str(path), arcname)
                 info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                with open(path, "rb") as src:
+                with path.open("rb") as src:
                     tar.addfile(info, src)
             for arcname, data in docs:
                 info = tarfile.TarInfo(arcname)

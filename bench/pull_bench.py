@@ -62,60 +62,73 @@ def main() -> int:
         help="round trip added to every registry request (0: plain loopback)",
     )
     args = parser.parse_args()
-    node = platforms.node()
     work = Path(tempfile.mkdtemp(prefix="ia-pbench-", dir="/tmp"))
     reg = Registry(work / "registry")
     reg.start()
     try:
-        refs = []
-        half = (args.size_mib << 20) // 2
-        for i in range(args.images):
-            layers = (
-                samples.Layer({"a": os.urandom(half)}, "gzip"),
-                samples.Layer({"b": os.urandom(half)}, "gzip"),
-            )
-            image = samples.SampleImage(f"bench/img{i}:1", (samples.Variant(node, layers),))
-            path = work / "img.tar"
-            path.write_bytes(samples.oci_archive([image]))
-            reg.push(path, f"bench/img{i}:1")
-            refs.append(f"{reg.host}/bench/img{i}:1")
+        refs = push_images(reg, work, args.images, args.size_mib)
         print(f"{args.images} images of {args.size_mib} MiB, registry on loopback")
         for latency in args.latency_ms:
-            host = reg.host
-            if latency:
-                host = Proxy(reg.host, delay=latency / 1000).host
-            wanted = [r.replace(reg.host, host, 1) for r in refs]
-
-            def fresh(tag: str, host: str = host, latency: float = latency) -> PrivateContainerd:
-                subprocess.run(["sync"], check=True)
-                c = PrivateContainerd(work / f"ctd-{tag}-{latency}")
-                c.registry_plain_http(host)
-                c.start()
-                return c
-
-            c = fresh("seq")
-            try:
-                t_seq = sequential(c.address, wanted)
-            finally:
-                c.cleanup()
-            print(
-                f"[{latency:.0f} ms per request] sequential, k3s-style "
-                f"(ImageStatus + PullImage): {t_seq:.2f} s"
-            )
-            for n in args.concurrency:
-                c = fresh(f"c{n}")
-                try:
-                    t, rss = concurrent(c.address, wanted, n)
-                finally:
-                    c.cleanup()
-                print(
-                    f"[{latency:.0f} ms per request] image-agent pull, concurrency {n}: "
-                    f"{t:.2f} s ({t_seq / t:.2f}x), peak RSS {rss:.1f} MiB"
-                )
+            compare(reg, work, refs, latency, args.concurrency)
     finally:
         reg.stop()
         subprocess.run(["rm", "-rf", str(work)], check=False)
     return 0
+
+
+def push_images(reg: Registry, work: Path, count: int, size_mib: int) -> list[str]:
+    """Push ``count`` images of two random gzip layers each; their references."""
+    node = platforms.node()
+    refs = []
+    half = (size_mib << 20) // 2
+    for i in range(count):
+        layers = (
+            samples.Layer({"a": os.urandom(half)}, "gzip"),
+            samples.Layer({"b": os.urandom(half)}, "gzip"),
+        )
+        image = samples.SampleImage(f"bench/img{i}:1", (samples.Variant(node, layers),))
+        path = work / "img.tar"
+        path.write_bytes(samples.oci_archive([image]))
+        reg.push(path, f"bench/img{i}:1")
+        refs.append(f"{reg.host}/bench/img{i}:1")
+    return refs
+
+
+def compare(
+    reg: Registry, work: Path, refs: list[str], latency: float, concurrency: list[int]
+) -> None:
+    """Sequential k3s-style pulls against ``image-agent pull`` at each concurrency."""
+    host = reg.host
+    if latency:
+        host = Proxy(reg.host, delay=latency / 1000).host
+    wanted = [r.replace(reg.host, host, 1) for r in refs]
+
+    def fresh(tag: str) -> PrivateContainerd:
+        subprocess.run(["sync"], check=True)
+        c = PrivateContainerd(work / f"ctd-{tag}-{latency}")
+        c.registry_plain_http(host)
+        c.start()
+        return c
+
+    c = fresh("seq")
+    try:
+        t_seq = sequential(c.address, wanted)
+    finally:
+        c.cleanup()
+    print(
+        f"[{latency:.0f} ms per request] sequential, k3s-style "
+        f"(ImageStatus + PullImage): {t_seq:.2f} s"
+    )
+    for n in concurrency:
+        c = fresh(f"c{n}")
+        try:
+            t, rss = concurrent(c.address, wanted, n)
+        finally:
+            c.cleanup()
+        print(
+            f"[{latency:.0f} ms per request] image-agent pull, concurrency {n}: "
+            f"{t:.2f} s ({t_seq / t:.2f}x), peak RSS {rss:.1f} MiB"
+        )
 
 
 if __name__ == "__main__":

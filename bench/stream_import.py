@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from agent import logs
 from agent.containerd import Containerd
@@ -21,7 +22,7 @@ from agent.importer import Importer, ImportOptions
 def main() -> int:
     logs.configure(os.environ.get("IMAGE_AGENT_LOG_LEVEL", "warning"), stream=sys.stderr)
     path = sys.argv[1]
-    with Containerd(os.environ["CONTAINERD_ADDRESS"]) as client, open(path, "rb") as f:
+    with Containerd(os.environ["CONTAINERD_ADDRESS"]) as client, Path(path).open("rb") as f:
         importer = Importer(client, ImportOptions(platforms=(platforms.node(),)))
         result = importer.import_stream(f, name=path, size=os.fstat(f.fileno()).st_size)
     print(f"{len(result.images)} image(s), {result.duration_s:.2f}s")

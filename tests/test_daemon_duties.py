@@ -1,7 +1,7 @@
 """The daemon's duties run step by step: no threads, no sleeping, no containerd, no root.
 
 The importer, containerd and the store are test doubles type-checked against
-the Protocols the duties declare (agent.node.archives, agent.node.reconcile,
+the Protocols the duties declare (agent.node.attempts, agent.node.ledger, agent.node.reconcile,
 agent.node.health); the files are real files in a temporary directory.
 """
 

@@ -22,6 +22,7 @@ from agent.image.platforms import Platform
 
 # No metadata document is allowed to be larger than this.
 MAX_JSON = 4 << 20
+_BLOB_PATH_PARTS = 3  # blobs/<algorithm>/<hex>
 
 OCI_LAYOUT_FILE = "oci-layout"
 OCI_INDEX_FILE = "index.json"
@@ -120,7 +121,7 @@ def digest_of_blob_path(name: str) -> str | None:
     parts = name.split("/")
     if parts[0] != "blobs" or len(parts) == 1:
         return None
-    if len(parts) != 3:
+    if len(parts) != _BLOB_PATH_PARTS:
         raise ArchiveError(f"{name}: not a blob path (blobs/<algorithm>/<hex>)")
     if parts[1] != "sha256":
         raise ArchiveError(f"{name}: unsupported digest algorithm {parts[1]!r} (sha256 only)")

@@ -21,7 +21,7 @@ import re
 import struct
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import IO, BinaryIO, Protocol
 
@@ -53,6 +53,11 @@ _DIGIT_RUN = re.compile(rb"[0-9]{%d}" % (MAX_DIGIT_RUN + 1))
 MAX_EXTENDED_CHAIN = 8
 
 READ_BUFFER = 1 << 20
+_BLOB_PATH_PARTS = 3  # blobs/<algorithm>/<hex>
+# The first byte of a numeric field in base-256 (GNU): a positive or a negative number.
+_BASE256_POSITIVE = 0o200
+_BASE256_NEGATIVE = 0o377
+_MAX_SIZE_DIGITS = 20  # a pax size longer than this is past any 64-bit size
 
 # Errors the decompressors and tarfile raise on damaged input.
 _DAMAGE = (
@@ -93,7 +98,7 @@ def safe_name(name: str, *, what: str = "tar entry") -> str:
 def is_appledouble_blob(name: str) -> bool:
     """True for ``blobs/<algorithm>/._<hex>``: the resource forks macOS bsdtar adds beside files."""
     parts = name.split("/")
-    return len(parts) == 3 and parts[0] == "blobs" and parts[2].startswith("._")
+    return len(parts) == _BLOB_PATH_PARTS and parts[0] == "blobs" and parts[2].startswith("._")
 
 
 def describe_damage(err: BaseException, compression: Compression) -> str:
@@ -134,9 +139,9 @@ def _number(field: bytes) -> int | None:
     white space): a field the guard read differently from tarfile would let a
     header through unchecked.
     """
-    if field[0] in (0o200, 0o377):
+    if field[0] in (_BASE256_POSITIVE, _BASE256_NEGATIVE):
         n = int.from_bytes(field[1:], "big")
-        return n - 256 ** (len(field) - 1) if field[0] == 0o377 else n
+        return n - 256 ** (len(field) - 1) if field[0] == _BASE256_NEGATIVE else n
     try:
         text = field.split(b"\0", 1)[0].decode("ascii")
         return int(text.strip() or "0", 8)
@@ -168,7 +173,7 @@ def parse_pax(data: bytes, what: str) -> dict[bytes, bytes]:
             raise ArchiveError(f"{what}: malformed pax record at byte {pos}")
         length = int(digits)
         end = pos + length
-        if length < len(digits) + 4 or end > len(data) or data[end - 1] != 0x0A:
+        if length < len(digits) + 4 or end > len(data) or data[end - 1 : end] != b"\n":
             raise ArchiveError(f"{what}: pax record at byte {pos} has a wrong length")
         keyword, eq, value = data[space + 1 : end - 1].partition(b"=")
         if not eq or not keyword:
@@ -257,33 +262,7 @@ class HeaderGuard(io.RawIOBase):
         if kind == _SPARSE_TYPE:
             raise ArchiveError(f"{where}: sparse members are not supported in image archives")
         if kind in _PAX_TYPES or kind == _GLOBAL_TYPE or kind in _GNU_LONG_TYPES:
-            self._chain += 1
-            if self._chain > MAX_EXTENDED_CHAIN:
-                raise ArchiveError(
-                    f"{where}: more than {MAX_EXTENDED_CHAIN} extended headers in a row"
-                )
-            if size > bounds.max_extended_header:
-                raise ArchiveError(
-                    f"{where}: extended header of {size} bytes exceeds the "
-                    f"{limits.human(bounds.max_extended_header)} limit"
-                )
-            self._extended_total += size
-            if self._extended_total > bounds.max_extended_total:
-                raise ArchiveError(
-                    f"{where}: extended headers exceed "
-                    f"{limits.human(bounds.max_extended_total)} in all (limit max_extended_total)"
-                )
-            if kind in _PAX_TYPES:
-                if self._seen_pax:
-                    raise ArchiveError(f"{where}: two pax headers for one member")
-                self._seen_pax = True
-            self._ext_type, self._ext_start, self._ext_size = kind, offset, size
-            # The padding is collected too: tarfile reads the whole blocks and,
-            # for pax, parses records in the padding as well.
-            self._need = _blocks(size)
-            self._skip = 0
-            if size == 0:
-                self._extended(b"")
+            self._extended_header(kind, size, offset, where)
             return
         # A member: its data blocks follow (tarfile skips data only for these).
         if self._size_override is not None:
@@ -295,6 +274,35 @@ class HeaderGuard(io.RawIOBase):
         self._size_override = None
         self._seen_pax = False
         self._chain = 0
+
+    def _extended_header(self, kind: int, size: int, offset: int, where: str) -> None:
+        """A pax, global or GNU long-name header: bounded, then its blocks collected."""
+        bounds = self._limits
+        self._chain += 1
+        if self._chain > MAX_EXTENDED_CHAIN:
+            raise ArchiveError(f"{where}: more than {MAX_EXTENDED_CHAIN} extended headers in a row")
+        if size > bounds.max_extended_header:
+            raise ArchiveError(
+                f"{where}: extended header of {size} bytes exceeds the "
+                f"{limits.human(bounds.max_extended_header)} limit"
+            )
+        self._extended_total += size
+        if self._extended_total > bounds.max_extended_total:
+            raise ArchiveError(
+                f"{where}: extended headers exceed "
+                f"{limits.human(bounds.max_extended_total)} in all (limit max_extended_total)"
+            )
+        if kind in _PAX_TYPES:
+            if self._seen_pax:
+                raise ArchiveError(f"{where}: two pax headers for one member")
+            self._seen_pax = True
+        self._ext_type, self._ext_start, self._ext_size = kind, offset, size
+        # The padding is collected too: tarfile reads the whole blocks and,
+        # for pax, parses records in the padding as well.
+        self._need = _blocks(size)
+        self._skip = 0
+        if size == 0:
+            self._extended(b"")
 
     def _extended(self, blocks: bytes) -> None:
         kind, size = self._ext_type, self._ext_size
@@ -314,7 +322,7 @@ class HeaderGuard(io.RawIOBase):
                 value = records[b"size"]
                 if kind == _GLOBAL_TYPE:
                     raise ArchiveError(f"{where}: a global pax header sets a size")
-                if not value.isdigit() or not value.isascii() or len(value) > 20:
+                if not value.isdigit() or not value.isascii() or len(value) > _MAX_SIZE_DIGITS:
                     raise ArchiveError(f"{where}: invalid pax size {value[:32]!r}")
                 self._size_override = int(value)
 
@@ -335,33 +343,42 @@ def walk(raw: BinaryIO) -> Iterator[tuple[Member, Reader | None]]:
     limits.begin_archive()
     try:
         compression, stream = open_stream(raw)
-        guard = HeaderGuard(stream, limits.current())
-        tar = tarfile.open(fileobj=guard, mode="r|", bufsize=READ_BUFFER)
-        count = 0
-        for info in tar:
-            count += 1
-            tar.members = []  # type: ignore[attr-defined]  # stream mode would keep every header in memory
-            name = safe_name(info.name)
-            if is_appledouble_blob(name):
-                # No document names such a file: skipping it loses nothing.
-                logs.get().warning(
-                    "archive.member_ignored", member=name, reason="macOS AppleDouble file"
-                )
-                continue
-            if info.isreg():
-                data = tar.extractfile(info)
-                assert data is not None
-                yield Member(name, info.size, "file"), _Guarded(data, compression)
-            elif info.issym():
-                target = posixpath.normpath(posixpath.join(posixpath.dirname(name), info.linkname))
-                yield Member(name, 0, "link", safe_name(target, what="link target")), None
-            elif info.islnk():
-                yield Member(name, 0, "link", safe_name(info.linkname, what="link target")), None
-            else:
-                yield Member(name, 0, "other"), None
-        if count == 0:
-            raise ArchiveError("archive is empty or not a tar archive")
+        count = yield from _members(stream, compression)
     except ArchiveError:
         raise
     except _DAMAGE as err:
         raise ArchiveError(describe_damage(err, compression)) from None
+    if count == 0:
+        raise ArchiveError("archive is empty or not a tar archive")
+
+
+def _members(
+    stream: BinaryIO, compression: Compression
+) -> Generator[tuple[Member, Reader | None], None, int]:
+    """The entries of the decompressed tar ``stream`` (for :func:`walk`); returns how many."""
+    guard = HeaderGuard(stream, limits.current())
+    tar = tarfile.open(fileobj=guard, mode="r|", bufsize=READ_BUFFER)
+    count = 0
+    for info in tar:
+        count += 1
+        tar.members = []  # type: ignore[attr-defined]  # stream mode would keep every header in memory
+        name = safe_name(info.name)
+        if is_appledouble_blob(name):
+            # No document names such a file: skipping it loses nothing.
+            logs.get().warning(
+                "archive.member_ignored", member=name, reason="macOS AppleDouble file"
+            )
+            continue
+        if info.isreg():
+            data = tar.extractfile(info)
+            if data is None:  # tarfile gives data for every regular file
+                raise ArchiveError(f"{name}: a regular file without data")
+            yield Member(name, info.size, "file"), _Guarded(data, compression)
+        elif info.issym():
+            target = posixpath.normpath(posixpath.join(posixpath.dirname(name), info.linkname))
+            yield Member(name, 0, "link", safe_name(target, what="link target")), None
+        elif info.islnk():
+            yield Member(name, 0, "link", safe_name(info.linkname, what="link target")), None
+        else:
+            yield Member(name, 0, "other"), None
+    return count

@@ -8,9 +8,9 @@ deadline, and the one place gRPC errors become the agent's own.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Self
 
 from google.protobuf import empty_pb2
@@ -32,7 +32,7 @@ CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 
 def default_address() -> str:
     """The k3s socket when it exists, else containerd's own."""
-    return K3S_SOCKET if os.path.exists(K3S_SOCKET) else CONTAINERD_SOCKET
+    return K3S_SOCKET if Path(K3S_SOCKET).exists() else CONTAINERD_SOCKET
 
 
 class Containerd:

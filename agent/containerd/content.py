@@ -112,14 +112,15 @@ class ContentService:
             raise NotFound(f"content {digest} not found", code="NOT_FOUND")
         if info.size > limit:
             raise ContainerdError(f"content {digest} is larger than {limit} bytes")
-        parts = []
         try:
-            for resp in self._stub.Read(
-                content_pb2.ReadContentRequest(digest=digest),
-                metadata=self._rpc.metadata(None),
-                timeout=self._rpc.timeout,
-            ):
-                parts.append(resp.data)
+            parts = [
+                resp.data
+                for resp in self._stub.Read(
+                    content_pb2.ReadContentRequest(digest=digest),
+                    metadata=self._rpc.metadata(None),
+                    timeout=self._rpc.timeout,
+                )
+            ]
         except grpc.RpcError as err:
             raise self._rpc.error(err, f"read content {digest}") from None
         return b"".join(parts)
@@ -160,21 +161,14 @@ class ContentService:
             )
             next(responses)
             in_flight, offset = self._send(hashed or chunks, requests, responses)
-            requests.put(
-                content_pb2.WriteContentRequest(
-                    action=content_pb2.COMMIT,
-                    offset=offset,
-                    total=total,
-                    expected=expected,
-                    labels=labels or {},
-                )
+            commit = content_pb2.WriteContentRequest(
+                action=content_pb2.COMMIT,
+                offset=offset,
+                total=total,
+                expected=expected,
+                labels=labels or {},
             )
-            last = None
-            for _ in range(in_flight + 1):
-                last = next(responses)
-            requests.put(None)
-            assert last is not None
-            return str(last.digest)
+            return self._commit(commit, in_flight, requests, responses)
         except grpc.RpcError as err:
             error = self._rpc.error(err, f"write content {expected or ref}")
             if isinstance(error, AlreadyExists):
@@ -188,6 +182,21 @@ class ContentService:
             raise
         finally:
             requests.put(None)
+
+    @staticmethod
+    def _commit(
+        commit: content_pb2.WriteContentRequest,
+        in_flight: int,
+        requests: queue.SimpleQueue[content_pb2.WriteContentRequest | None],
+        responses: Iterator[content_pb2.WriteContentResponse],
+    ) -> str:
+        """Send the COMMIT; after the answers still in flight, its answer names the digest."""
+        requests.put(commit)
+        for _ in range(in_flight):
+            next(responses)
+        last = next(responses)
+        requests.put(None)
+        return str(last.digest)
 
     @staticmethod
     def _send(

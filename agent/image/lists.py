@@ -61,7 +61,7 @@ class Problem:
 
 def _unquote(text: str) -> str:
     text = text.strip()
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
         return text[1:-1].strip()
     return text
 
@@ -103,8 +103,8 @@ def parse(text: str, source: str) -> tuple[list[Entry], list[Problem]]:
             add(related.group(2), lineno, related.group(1))
             continue
         if "=" in body or ";" in body:
-            for item in body.split(";"):
-                item = item.strip()
+            for raw_item in body.split(";"):
+                item = raw_item.strip()
                 if not item:
                     continue
                 if len(item) > MAX_LINE:

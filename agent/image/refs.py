@@ -81,27 +81,10 @@ def parse(text: str, *, default_tag: bool = True) -> Reference:
     refused rather than stripped.
     """
     raw = text
-    if not raw:
-        raise InvalidReference("empty reference")
-    if len(raw) > MAX_NAME_LENGTH + 150:
-        raise InvalidReference("reference is too long")
-    if any(c.isspace() for c in raw):
-        raise InvalidReference(f"{raw!r} contains white space")
-    if not raw.isascii():
-        raise InvalidReference(f"{raw!r} contains characters that are not ASCII")
-
+    _check_text(raw)
     remainder, _, digest = raw.partition("@")
     if digest:
-        if not _DIGEST_RE.fullmatch(digest):
-            raise InvalidReference(f"{raw!r}: invalid digest {digest!r}")
-        algorithm, _, hexd = digest.partition(":")
-        length = DIGEST_ALGORITHMS.get(algorithm)
-        if length is None:
-            raise InvalidReference(f"{raw!r}: unsupported digest algorithm {algorithm!r}")
-        if len(hexd) != length or hexd.lower() != hexd:
-            raise InvalidReference(
-                f"{raw!r}: a {algorithm} digest has {length} lower-case hex digits"
-            )
+        _check_digest(raw, digest)
 
     tag: str | None = None
     # A tag follows the last ':' that comes after the last '/' (a ':' before
@@ -127,6 +110,28 @@ def parse(text: str, *, default_tag: bool = True) -> Reference:
     if tag is None and not digest and default_tag:
         tag = "latest"
     return Reference(domain, path, tag, digest or None)
+
+
+def _check_text(raw: str) -> None:
+    if not raw:
+        raise InvalidReference("empty reference")
+    if len(raw) > MAX_NAME_LENGTH + 150:
+        raise InvalidReference("reference is too long")
+    if any(c.isspace() for c in raw):
+        raise InvalidReference(f"{raw!r} contains white space")
+    if not raw.isascii():
+        raise InvalidReference(f"{raw!r} contains characters that are not ASCII")
+
+
+def _check_digest(raw: str, digest: str) -> None:
+    if not _DIGEST_RE.fullmatch(digest):
+        raise InvalidReference(f"{raw!r}: invalid digest {digest!r}")
+    algorithm, _, hexd = digest.partition(":")
+    length = DIGEST_ALGORITHMS.get(algorithm)
+    if length is None:
+        raise InvalidReference(f"{raw!r}: unsupported digest algorithm {algorithm!r}")
+    if len(hexd) != length or hexd.lower() != hexd:
+        raise InvalidReference(f"{raw!r}: a {algorithm} digest has {length} lower-case hex digits")
 
 
 def normalize(text: str) -> str:

@@ -23,9 +23,7 @@ what it wrote.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +38,7 @@ from agent.image.labels import GC_CONTENT, GC_SNAPSHOT, MANAGED_LABEL, PINNED_LA
 from agent.importer import prescan
 from agent.importer.commit import Commit
 from agent.importer.eager import EagerUnpacker, LayerStore
-from agent.importer.ingest import Ingest
+from agent.importer.ingest import Ingest, open_regular
 from agent.importer.model import (
     BUNDLE_CONTENTS,
     CRI_NAMESPACE,
@@ -163,9 +161,14 @@ class Importer:
             raise UsageError("this store cannot unpack layers (import with unpack=False)")
         return self.client
 
-    def _run(
-        self, raw: BinaryIO, name: str, size: int, lease: str, commit: Commit, reread: str
-    ) -> ImportResult:
+    def _stages(
+        self, name: str, size: int, lease: str, commit: Commit, reread: str
+    ) -> tuple[Ingest, ParallelUnpack | None, prescan.Prescan | None]:
+        """The ingest, and the early unpacker and pre-scan feeding it when they are worth it.
+
+        With a file to re-read and more than one layer at a time, layers are
+        applied as they land; else, with unpacking, one after another.
+        """
         timeline = commit.timeline
         early = scan = None
         concurrency = self.options.unpack_concurrency
@@ -196,6 +199,13 @@ class Importer:
             ingest.eager = EagerUnpacker(
                 commit.unpacker, self.options.snapshotter, lease, self.stop, timeline
             )
+        return ingest, early, scan
+
+    def _run(
+        self, raw: BinaryIO, name: str, size: int, lease: str, commit: Commit, reread: str
+    ) -> ImportResult:
+        timeline = commit.timeline
+        ingest, early, scan = self._stages(name, size, lease, commit, reread)
         try:
             with timeline.phase("stream"):
                 ingest.run(raw)
@@ -293,39 +303,3 @@ def _provider(early: ParallelUnpack) -> Callable[[str, str, int, Compression], N
         early.provide(prescan.path_key(path), blob)
 
     return on_blob
-
-
-def open_regular(path: str) -> BinaryIO:
-    """Open ``path`` for reading if it is a regular file, without ever blocking.
-
-    O_NONBLOCK makes opening a FIFO with no writer return at once (a plain
-    open would wait for one for ever); the file type is then checked on
-    the open descriptor itself, so a swap in between cannot fool it.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as err:
-        raise ArchiveError(err.strerror or str(err), file=path) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ArchiveError(f"not a regular file ({_kind(st.st_mode)})", file=path)
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def _kind(mode: int) -> str:
-    for test, what in (
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISSOCK, "a socket"),
-    ):
-        if test(mode):
-            return what
-    return "not a file"

@@ -66,29 +66,32 @@ def apply_layer(
     try:
         applied = client.apply(media_type, digest, size, mounts, lease=lease, stop=stop)
         done = time.monotonic()
-        if diff_id and applied != diff_id:
-            raise ArchiveError(
-                f"layer {digest} unpacks to {applied}, but its config says {diff_id}"
-            )
+        _check_diff_id(digest, applied, diff_id)
         committed = layout.chain_id(parent, applied)
         try:
             client.commit(snapshotter, committed, key, lease=lease)
         except AlreadyExists:
             client.remove_snapshot(snapshotter, key)
-        if timeline is not None:
-            timeline.event(
-                "layer unpacked",
-                digest=digest,
-                bytes=size,
-                start_s=round(started - timeline.started, 4),
-                prepare_s=round(prepared - started, 4),
-                apply_s=round(done - prepared, 4),
-                commit_s=round(time.monotonic() - done, 4),
-            )
-        return committed
     except BaseException:
         client.remove_snapshot(snapshotter, key)
         raise
+    if timeline is not None:
+        timeline.event(
+            "layer unpacked",
+            digest=digest,
+            bytes=size,
+            start_s=round(started - timeline.started, 4),
+            prepare_s=round(prepared - started, 4),
+            apply_s=round(done - prepared, 4),
+            commit_s=round(time.monotonic() - done, 4),
+        )
+    return committed
+
+
+def _check_diff_id(digest: str, applied: str, diff_id: str | None) -> None:
+    """With a ``diff_id`` from the config, the layer must have unpacked to it."""
+    if diff_id and applied != diff_id:
+        raise ArchiveError(f"layer {digest} unpacks to {applied}, but its config says {diff_id}")
 
 
 def looks_like_layer(head: bytes, compression: Compression) -> bool:

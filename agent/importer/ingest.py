@@ -9,6 +9,9 @@ handed to the eager unpacker, if there is one, as they go by.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +31,7 @@ CHUNK = 512 << 10
 CACHE_BUDGET = 16 << 20
 # Least time between two progress reports.
 PROGRESS_EVERY_S = 0.5
+MAX_LINK_HOPS = 16  # links followed to a file in the archive before giving up (a loop)
 _LAYOUT_DOCS = (layout.OCI_LAYOUT_FILE, layout.OCI_INDEX_FILE, layout.DOCKER_MANIFEST_FILE)
 
 
@@ -233,7 +237,7 @@ class Ingest:
     def path(self, path: str, what: str) -> tuple[str, int]:
         """(digest, size) of the file at ``path`` in the archive, following links."""
         seen = 0
-        while path in self.links and seen < 16:
+        while path in self.links and seen < MAX_LINK_HOPS:
             path, seen = self.links[path], seen + 1
         found = self.by_path.get(path)
         if found is None:
@@ -249,3 +253,43 @@ def read_limited(data: Reader, limit: int, name: str) -> bytes:
     if len(body) > limit:
         raise ArchiveError(f"{name} is larger than {limit >> 20} MiB")
     return body
+
+
+def open_regular(path: str) -> BinaryIO:
+    """Open ``path`` for reading if it is a regular file, without ever blocking.
+
+    O_NONBLOCK makes opening a FIFO with no writer return at once (a plain
+    open would wait for one for ever); the file type is then checked on
+    the open descriptor itself, so a swap in between cannot fool it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as err:
+        raise ArchiveError(err.strerror or str(err), file=path) from None
+    try:
+        _require_regular(fd, path)
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _require_regular(fd: int, path: str) -> None:
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        raise ArchiveError(f"not a regular file ({_kind(mode)})", file=path)
+
+
+def _kind(mode: int) -> str:
+    for test, what in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return what
+    return "not a file"

@@ -41,7 +41,13 @@ from agent.archive import layout, limits
 from agent.archive.compression import Compression, detect, zstd_window
 from agent.archive.tarstream import HeaderGuard, Member, safe_name
 from agent.errors import AgentError, ArchiveError, Cancelled
-from agent.importer.ingest import _LAYOUT_DOCS, check_stop, read_limited
+from agent.importer.ingest import (
+    _LAYOUT_DOCS,
+    MAX_LINK_HOPS,
+    check_stop,
+    open_regular,
+    read_limited,
+)
 from agent.importer.model import BUNDLE_CONTENTS, ImportOptions, Resolution
 from agent.importer.resolve import resolve
 from agent.importer.trace import QUIET, Timeline
@@ -154,7 +160,7 @@ class _Seen:
 
     def path(self, path: str, what: str) -> tuple[str, int]:
         seen = 0
-        while path in self.links and seen < 16:
+        while path in self.links and seen < MAX_LINK_HOPS:
             path, seen = self.links[path], seen + 1
         found = self.by_path.get(path)
         if found is None:
@@ -196,8 +202,6 @@ class Prescan:
         self._thread.join()
 
     def _run(self) -> None:
-        from agent.importer import open_regular
-
         with self.timeline.phase("prescan"):
             try:
                 with open_regular(self.path) as f:

@@ -246,7 +246,7 @@ class ParallelUnpack:
                     if self.strict and self.error is None and not isinstance(err, Cancelled):
                         self.error = err
                         self._abort.set()
-            except BaseException as err:  # a bug must not leave finish() waiting for ever
+            except BaseException as err:  # noqa: BLE001 - a bug must not leave finish() waiting for ever
                 with self._cond:
                     if self.error is None:
                         self.error = err
@@ -261,8 +261,9 @@ class ParallelUnpack:
             return False
         if self.client.snapshot_exists(self.snapshotter, node.chain_id):
             return True
-        assert node.blob is not None
         blob = node.blob
+        if blob is None:  # a defect: the graph hands out only layers whose blob is stored
+            raise RuntimeError(f"layer {node.chain_id} was handed out without its blob")
         apply_layer(
             self.client,
             self.snapshotter,

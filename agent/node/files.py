@@ -33,6 +33,7 @@ ARCHIVE_SUFFIXES = (
 )
 PULL_LIST_SUFFIX = ".txt"
 FINGERPRINT_SAMPLE = 1 << 20
+_GZIP_MIN_BYTES = 18  # a 10-byte header and an 8-byte trailer (CRC32, ISIZE)
 
 _ARCHES = "amd64|arm64|arm|386|ppc64le|s390x|riscv64|x86_64|aarch64"
 _PLATFORM_IN_NAME = re.compile(rf"(?:^|[-_.])(linux)[-_]({_ARCHES})(?:[-_](v\d))?(?=[-_.]|$)")
@@ -94,13 +95,17 @@ def open_regular(path: Path) -> BinaryIO:
     """Open a regular file for reading without ever blocking (O_NONBLOCK, then checked)."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        if not S_ISREG(os.fstat(fd).st_mode):
-            raise NotRegular(errno.EINVAL, "not a regular file", str(path))
+        _require_regular(fd, path)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+
+
+def _require_regular(fd: int, path: Path) -> None:
+    if not S_ISREG(os.fstat(fd).st_mode):
+        raise NotRegular(errno.EINVAL, "not a regular file", str(path))
 
 
 def fingerprint(path: Path) -> str:
@@ -129,7 +134,7 @@ def open_for_writing(path: Path, proc: Path = Path("/proc")) -> bool:
     text is our path is then checked against our inode via ``fdinfo``.
     """
     try:
-        target = os.stat(path)
+        target = path.stat()
         text = os.path.realpath(path)
     except OSError:
         return False
@@ -138,14 +143,14 @@ def open_for_writing(path: Path, proc: Path = Path("/proc")) -> bool:
             continue
         fd_dir = pid_dir / "fd"
         try:
-            fds = os.listdir(fd_dir)
+            fds = list(fd_dir.iterdir())
         except OSError:
             continue
         for fd in fds:
             try:
-                if os.readlink(fd_dir / fd) != text:
+                if str(fd.readlink()) != text:
                     continue
-                flags, ino = _fd_info(pid_dir / "fdinfo" / fd)
+                flags, ino = _fd_info(pid_dir / "fdinfo" / fd.name)
             except (OSError, ValueError):
                 continue
             if ino is not None and ino != target.st_ino:
@@ -182,7 +187,7 @@ def uncompressed_size(path: Path) -> tuple[int, bool]:
                 n = -1
             if n > 0:
                 return n, False  # first frame only; multi-frame archives have more
-        if kind is Compression.GZIP and size >= 18:
+        if kind is Compression.GZIP and size >= _GZIP_MIN_BYTES:
             f.seek(-4, os.SEEK_END)
             (isize,) = struct.unpack("<I", f.read(4))
             # ISIZE is modulo 4 GiB; never trust it below the compressed size.

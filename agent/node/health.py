@@ -136,7 +136,7 @@ class HealthDuty:
         self._log_progress(now)
         self.metrics.pending.set(self.archives.pending)
         if self.pulls is not None and self.pulls_changed.is_set():
-            self._write_pulls()
+            self._write_pulls(self.pulls)
         if now >= self._status_at:
             self.write_status()
             self._status_at = now + (HEARTBEAT_S if not self.state_error else 2.0)
@@ -185,10 +185,9 @@ class HealthDuty:
             duration_s=round(p.elapsed_s, 1),
         )
 
-    def _write_pulls(self) -> None:
-        assert self.pulls is not None
+    def _write_pulls(self, pulls: PullTable) -> None:
         self.pulls_changed.clear()
-        rows = self.pulls.snapshot()
+        rows = pulls.snapshot()
         wanted = [r for r in rows if r["state"] != "invalid"]
         self.metrics.images_wanted.set(len(wanted))
         self.metrics.images_present.set(

@@ -72,10 +72,11 @@ class _Handler(FileSystemEventHandler):
         """
         try:
             self._route(event)
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - any failure would end the watcher's thread
             if not self.failed:
                 self.failed = True
-                self.log.error(
+                # The traceback goes in its own stable key, not structlog's "exception".
+                self.log.error(  # noqa: TRY400 - see above
                     "watcher.event_failed",
                     error=plan.one_line(f"{type(err).__name__}: {err}"),
                     traceback="".join(traceback.format_exception(err)),
@@ -116,7 +117,7 @@ class _Duty:
     def _main(self) -> None:
         try:
             self._run(self._stop)
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - the death of any duty must be known
             self.died = True
             self.log.critical(
                 "duty.died",
@@ -161,16 +162,7 @@ class Daemon:
             imported=imported,
             heartbeat=self.beats.add("archives", progress_at=lambda: progress.last_at),
         )
-        self.lists = None
-        if puller is not None:
-            self.lists = PullListsDuty(
-                puller,
-                settings.images_dir,
-                pull_lists,
-                settings.settle_s,
-                log,
-                heartbeat=self.beats.add("pull-lists"),
-            )
+        self.lists = self._pull_lists(settings, puller, pull_lists, log)
         self.health_duty = HealthDuty(
             client,
             store,
@@ -195,6 +187,25 @@ class Daemon:
         ]
         if self.lists is not None:
             self.duties.append(_Duty("pull-lists", self.lists.run, log))
+
+    def _pull_lists(
+        self,
+        settings: Settings,
+        puller: Puller | None,
+        pull_lists: tuple[Path, ...],
+        log: structlog.typing.FilteringBoundLogger,
+    ) -> PullListsDuty | None:
+        """The pull-lists duty, when there is a puller to feed."""
+        if puller is None:
+            return None
+        return PullListsDuty(
+            puller,
+            settings.images_dir,
+            pull_lists,
+            settings.settle_s,
+            log,
+            heartbeat=self.beats.add("pull-lists"),
+        )
 
     @property
     def records(self) -> Mapping[str, Record]:
@@ -226,6 +237,21 @@ class Daemon:
 
     def run(self, stop: threading.Event) -> None:
         """Run every duty until ``stop`` is set."""
+        observer = self._start_watcher()
+        self.health_duty.probe()  # the first verdict before anything else runs
+        if self.puller is not None:
+            self.puller.start()
+        started = False
+        try:
+            for duty in self.duties:
+                duty.start(stop)
+            started = True
+            self._serve(stop)
+        finally:
+            self._shut_down(stop, observer, started)
+
+    def _start_watcher(self) -> BaseObserver:
+        """Create the watched directories and start the file watcher on them."""
         self.s.images_dir.mkdir(parents=True, exist_ok=True)
         try:
             self.store.requests_dir.mkdir(parents=True, exist_ok=True)
@@ -251,47 +277,42 @@ class Daemon:
                 observer.schedule(handler, str(parent), recursive=False)
         observer.start()
         self.observer = observer
-        self.health_duty.probe()  # the first verdict before anything else runs
+        return observer
+
+    def _serve(self, stop: threading.Event) -> None:
+        """Say READY once the archives duty has scanned and reconciled; report deaths."""
+        while not self.archives.ready.wait(0.5):
+            if stop.is_set() or self.dead():
+                break
+        self.notifier.send("READY=1", f"STATUS=watching {self.s.images_dir}")
+        self.log.info("watching", dir=str(self.s.images_dir), archives=len(self.archives.published))
+        reported: set[str] = set()
+        while not stop.wait(1.0):
+            for name in self.dead():
+                if name not in reported:
+                    reported.add(name)
+                    self.notifier.send(f"STATUS=unhealthy: {name} stopped")
+
+    def _shut_down(self, stop: threading.Event, observer: BaseObserver, started: bool) -> None:
+        """Stop everything, waiting for the threads at most JOIN_S in all."""
+        stop.set()
+        self.archives.events.put("")  # wake the duties waiting for events
+        if self.lists is not None:
+            self.lists.events.put("")
+        self.notifier.send("STOPPING=1")
         if self.puller is not None:
-            self.puller.start()
-        started = False
-        try:
+            self.puller.stop()
+        self.observer = None  # stopped on purpose from here on
+        observer.stop()
+        # One deadline for all: joined one after another, each with its
+        # own wait, they could outlast systemd's TimeoutStopSec.
+        deadline = time.monotonic() + JOIN_S
+        if started:
             for duty in self.duties:
-                duty.start(stop)
-            started = True
-            # READY once the archives duty has scanned and reconciled.
-            while not self.archives.ready.wait(0.5):
-                if stop.is_set() or self.dead():
-                    break
-            self.notifier.send("READY=1", f"STATUS=watching {self.s.images_dir}")
-            self.log.info(
-                "watching", dir=str(self.s.images_dir), archives=len(self.archives.published)
-            )
-            reported: set[str] = set()
-            while not stop.wait(1.0):
-                for name in self.dead():
-                    if name not in reported:
-                        reported.add(name)
-                        self.notifier.send(f"STATUS=unhealthy: {name} stopped")
-        finally:
-            stop.set()
-            self.archives.events.put("")  # wake the duties waiting for events
-            if self.lists is not None:
-                self.lists.events.put("")
-            self.notifier.send("STOPPING=1")
-            if self.puller is not None:
-                self.puller.stop()
-            self.observer = None  # stopped on purpose from here on
-            observer.stop()
-            # One deadline for all: joined one after another, each with its
-            # own wait, they could outlast systemd's TimeoutStopSec.
-            deadline = time.monotonic() + JOIN_S
-            if started:
-                for duty in self.duties:
-                    duty.thread.join(max(0.0, deadline - time.monotonic()))
-                    if duty.thread.is_alive():
-                        self.log.error("duty.stuck", duty=duty.name, waited_s=JOIN_S)
-            observer.join(max(0.0, deadline - time.monotonic()))
+                duty.thread.join(max(0.0, deadline - time.monotonic()))
+                if duty.thread.is_alive():
+                    self.log.error("duty.stuck", duty=duty.name, waited_s=JOIN_S)
+        observer.join(max(0.0, deadline - time.monotonic()))
 
 
 __all__ = [

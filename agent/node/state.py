@@ -71,7 +71,8 @@ class Record:
     def from_json(cls, doc: object) -> Record:
         """The record of a stored document; ValueError if any field has the wrong type."""
         if not isinstance(doc, dict):
-            raise ValueError(f"record is a {type(doc).__name__}, not an object")
+            # ValueError, as for every malformed record: it is what callers catch.
+            raise ValueError(f"record is a {type(doc).__name__}, not an object")  # noqa: TRY004
         path = doc.get("path")
         if not isinstance(path, str) or not path:
             raise ValueError(f"record has no path (found {path!r:.80})")
@@ -98,7 +99,8 @@ class Record:
 def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
     value = doc[name]
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise ValueError(f"record {doc['path']!r:.200}: {name} is {value!r:.80}")
+        # ValueError, as for every malformed record: it is what callers catch.
+        raise ValueError(f"record {doc['path']!r:.200}: {name} is {value!r:.80}")  # noqa: TRY004
     return value
 
 
@@ -111,7 +113,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        Path(tmp).replace(path)
         dirfd = os.open(path.parent, os.O_DIRECTORY)
         try:
             os.fsync(dirfd)
@@ -119,7 +121,7 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.close(dirfd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            Path(tmp).unlink()
         raise
 
 
@@ -199,13 +201,14 @@ class Store:
             try:
                 db.execute("PRAGMA query_only=ON")
                 db.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                return db
             except sqlite3.OperationalError as err:
                 db.close()
                 code = (getattr(err, "sqlite_errorcode", 0) or 0) & 0xFF
                 if code not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
                     raise
                 last = err
+            else:
+                return db
         raise last
 
     def _migrate(self, db: sqlite3.Connection) -> None:
@@ -218,7 +221,7 @@ class Store:
         records = _read_legacy(self.legacy, self._log)
         if records is None:
             aside = self.legacy.with_name(self.legacy.name + ".corrupt")
-            os.replace(self.legacy, aside)
+            self.legacy.replace(aside)
             self._log("state.legacy_set_aside", file=str(self.legacy), moved_to=str(aside))
             return
         with db:
@@ -228,7 +231,7 @@ class Store:
                 [(r.path, json.dumps(r.to_json())) for r in records],
             )
         aside = self.legacy.with_name(self.legacy.name + ".migrated")
-        os.replace(self.legacy, aside)
+        self.legacy.replace(aside)
         self._log("state.migrated", file=str(self.legacy), archives=len(records), to=str(self.path))
 
     def close(self) -> None:

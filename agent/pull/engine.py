@@ -103,7 +103,7 @@ class Puller:
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._schedule, name="pull-scheduler", daemon=True)
-        self._rng = random.Random()
+        self._rng = random.Random()  # noqa: S311 - retry jitter, not a secret
 
     # -- the wanted set ---------------------------------------------------------
 
@@ -148,19 +148,19 @@ class Puller:
         """Every wanted image and every invalid line, for ``image-agent status``."""
         with self._cond:
             rows = [st.to_json() for st in sorted(self.status.values(), key=lambda s: s.image)]
-            for p in self.problems():
-                rows.append(
-                    {
-                        "image": p.text,
-                        "state": str(PullState.INVALID),
-                        "source": f"{p.source}:{p.line}",
-                        "attempts": 0,
-                        "last_error": p.reason,
-                        "next_retry_at": None,
-                        "duration_s": None,
-                        "image_id": "",
-                    }
-                )
+            rows.extend(
+                {
+                    "image": p.text,
+                    "state": str(PullState.INVALID),
+                    "source": f"{p.source}:{p.line}",
+                    "attempts": 0,
+                    "last_error": p.reason,
+                    "next_retry_at": None,
+                    "duration_s": None,
+                    "image_id": "",
+                }
+                for p in self.problems()
+            )
         return rows
 
     # -- running ------------------------------------------------------------------

@@ -89,7 +89,7 @@ class DaemonProcess:
             *more,
         ]
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.log_path, "ab") as log:
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
             )
@@ -99,7 +99,7 @@ class DaemonProcess:
     def events(self, all_runs: bool = False) -> list[Record]:
         if not self.log_path.exists():
             return []
-        with open(self.log_path, "rb") as f:
+        with self.log_path.open("rb") as f:
             if not all_runs:
                 f.seek(self._log_offset)
             out = []
@@ -225,7 +225,7 @@ class Registry:
             f"    rootdirectory: {self.base / 'data'}\n  delete:\n    enabled: true\n"
             f"http:\n  addr: {self.host}\n{auth}"
         )
-        with open(self.base / "registry.log", "ab") as log:
+        with (self.base / "registry.log").open("ab") as log:
             self.proc = subprocess.Popen(
                 ["docker-registry", "serve", str(self.base / "config.yml")],
                 stdout=log,

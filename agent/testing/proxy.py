@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING
 
 import aiohttp
-
-if TYPE_CHECKING:
-    from aiohttp import web
+from aiohttp import web
 
 
 class Proxy:
@@ -105,8 +102,6 @@ class HttpProxy:
         return f"http://127.0.0.1:{self.port}"
 
     def _run(self) -> None:
-        from aiohttp import web
-
         asyncio.set_event_loop(self.loop)
 
         async def setup() -> None:
@@ -124,8 +119,6 @@ class HttpProxy:
         self.loop.run_forever()
 
     async def _handle(self, request: web.Request) -> web.Response:
-        from aiohttp import web
-
         self.requests[request.path] = self.requests.get(request.path, 0) + 1
         skip = {"host", "content-length", "transfer-encoding", "connection"}
         headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}

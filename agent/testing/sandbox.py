@@ -61,6 +61,8 @@ _CRI_V2 = """
     config_path = "{base}/certs.d"
 """
 
+_CONFIG_V3_MAJOR = 2  # containerd releases from this major on take config version 3
+
 # containerd 2.x's native version 3: the CRI plugin is split into images,
 # runtime and the gRPC server.
 _CRI_V3 = """
@@ -163,7 +165,7 @@ class PrivateContainerd:
         for sub in ("root", "state", "opt", "cni/bin", "cni/conf", "certs.d"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         config = self.base / "config.toml"
-        version, cri = (3, _CRI_V3) if self.release.major >= 2 else (2, _CRI_V2)
+        version, cri = (3, _CRI_V3) if self.release.major >= _CONFIG_V3_MAJOR else (2, _CRI_V2)
         config.write_text(
             (_COMMON + cri).format(
                 version=version,
@@ -175,7 +177,7 @@ class PrivateContainerd:
         sock = Path(self.address)
         if sock.exists():
             sock.unlink()
-        log = open(self.log_path, "ab")
+        log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
             [self.binary, "--config", str(config)],
             stdout=log,
@@ -195,13 +197,14 @@ class PrivateContainerd:
                     raise AgentError(
                         f"containerd exited with {self.proc.returncode}; see {self.log_path}"
                     )
-                if os.path.exists(self.address):
+                if Path(self.address).exists():
                     try:
                         client.version()
                         client.cri_images()
-                        return
                     except ContainerdUnavailable as err:
                         last = err
+                    else:
+                        return
                 time.sleep(0.05)
         raise AgentError(f"containerd did not become ready in {timeout:.0f}s ({last})")
 
@@ -228,7 +231,7 @@ class PrivateContainerd:
         """Unmount anything left under the base directory and remove it."""
         self.stop()
         mounts = []
-        with open("/proc/self/mounts") as f:
+        with Path("/proc/self/mounts").open() as f:
             for line in f:
                 target = line.split()[1]
                 if target.startswith(str(self.base) + "/"):
