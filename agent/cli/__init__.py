@@ -27,7 +27,7 @@ from agent.errors import AgentError, ContainerdUnavailable, UsageError
 
 Command = Callable[[argparse.Namespace, threading.Event], int]
 
-# command -> "module:function" in this package
+# command (with its subcommand) -> "module:function" in this package
 COMMANDS = {
     "import": "images:cmd_import",
     "images": "images:cmd_images",
@@ -38,7 +38,10 @@ COMMANDS = {
     "pull": "pull:cmd_pull",
     "bundle": "airgap:cmd_bundle",
     "verify": "airgap:cmd_verify",
-    "cluster": "cluster:cmd_cluster",
+    "cluster serve": "serve:cmd_cluster_serve",
+    "cluster token": "cluster:cmd_cluster_token",
+    "cluster status": "cluster:cmd_cluster_view",
+    "cluster images": "cluster:cmd_cluster_view",
 }
 
 
@@ -57,7 +60,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
     try:
-        return command(args.command)(args, stop)
+        name = " ".join(filter(None, (args.command, getattr(args, "cluster_command", None))))
+        return command(name)(args, stop)
     except UsageError as err:
         print(f"image-agent: {err}", file=sys.stderr)
         return EXIT_USAGE
