@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, config
+from agent import config
 from agent._proto.containerd.types import mount_pb2
 from agent.archive.layout import Descriptor, chain_id
+from agent.cli.images import import_options
+from agent.cli.parser import build_parser
 from agent.containerd.content import Blob
 from agent.errors import ArchiveError, UsageError
 from agent.importer import ImportOptions
@@ -229,9 +231,9 @@ def test_concurrency_setting_flag_environment_and_default(tmp_path: Path) -> Non
     below 1 is a usage error before anything is imported."""
 
     def concurrency(argv: list[str], env: dict[str, str]) -> int:
-        args = cli.build_parser().parse_args(["import", *argv, str(tmp_path / "x.tar")])
+        args = build_parser().parse_args(["import", *argv, str(tmp_path / "x.tar")])
         with mock_env(env):
-            return cli._import_options(args, config.ContainerdConfig()).unpack_concurrency
+            return import_options(args, config.ContainerdConfig()).unpack_concurrency
 
     assert concurrency([], {}) == len(os.sched_getaffinity(0))
     assert ImportOptions().unpack_concurrency == len(os.sched_getaffinity(0))
