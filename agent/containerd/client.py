@@ -31,8 +31,17 @@ CONTAINERD_SOCKET = "/run/containerd/containerd.sock"
 
 
 def default_address() -> str:
-    """The k3s socket when it exists, else containerd's own."""
-    return K3S_SOCKET if Path(K3S_SOCKET).exists() else CONTAINERD_SOCKET
+    """The k3s socket when it exists, else containerd's own.
+
+    A socket we may not look at (a non-root user, a 0700 directory) counts
+    as absent: the caller then gets containerd's own address and, if that
+    fails too, a one-line error from the connection, not a traceback.
+    """
+    try:
+        present = Path(K3S_SOCKET).exists()
+    except OSError:
+        present = False
+    return K3S_SOCKET if present else CONTAINERD_SOCKET
 
 
 class Containerd:
