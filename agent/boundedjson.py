@@ -42,7 +42,7 @@ def depth(data: bytes) -> int:
     steps = _STRING.sub(b"", data).translate(_STEPS, _NOT_BRACKETS)
     if not steps:
         return 0
-    return max(0, max(itertools.accumulate(memoryview(steps).cast("b"))))
+    return max(itertools.accumulate(memoryview(steps).cast("b"), initial=0))
 
 
 def loads(data: bytes | str, *, what: str, max_bytes: int, max_depth: int = MAX_DEPTH) -> Any:

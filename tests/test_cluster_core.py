@@ -246,7 +246,8 @@ def test_ended_task_fails_healthz_and_is_logged_once() -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
     from agent.cluster.fetch import Sources
-    from agent.cluster.http import Options, Server
+    from agent.cluster.http import Options
+    from agent.cluster.server import Server
     from agent.cluster.state import State
 
     async def run() -> tuple[int, str, list[dict]]:  # type: ignore[type-arg]

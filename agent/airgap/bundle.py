@@ -180,19 +180,18 @@ def contents(p: Plan, platforms: tuple[Platform, ...]) -> bytes:
 
 
 def index_json(p: Plan) -> bytes:
-    manifests = []
-    for image in p.images:
-        manifests.append(
-            {
-                "mediaType": image.media_type,
-                "digest": image.digest,
-                "size": image.size,
-                "annotations": {
-                    layout.ANNOTATION_IMAGE_NAME: image.name,
-                    layout.ANNOTATION_REF_NAME: image.name,
-                },
-            }
-        )
+    manifests = [
+        {
+            "mediaType": image.media_type,
+            "digest": image.digest,
+            "size": image.size,
+            "annotations": {
+                layout.ANNOTATION_IMAGE_NAME: image.name,
+                layout.ANNOTATION_REF_NAME: image.name,
+            },
+        }
+        for image in p.images
+    ]
     return layout.dump_json({"schemaVersion": 2, "manifests": manifests})
 
 
@@ -317,7 +316,7 @@ def write(
         progress(done, total)
 
     try:
-        with open(partial, "wb") as raw:
+        with partial.open("wb") as raw:
             cctx = zstandard.ZstdCompressor(level=3, threads=-1)
             with (
                 cctx.stream_writer(raw, closefd=False) as zw,
@@ -334,7 +333,7 @@ def write(
                     tar.addfile(info, _VerifiedBlob(client, ref, digest, size, advance))
             raw.flush()
             os.fsync(raw.fileno())
-        os.replace(partial, out)
+        partial.replace(out)
     except OSError as err:
         partial.unlink(missing_ok=True)
         raise AgentError(f"{out}: cannot write the bundle ({err.strerror or err})") from None

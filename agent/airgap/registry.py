@@ -27,6 +27,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.client import HTTPResponse
 
 from agent import boundedjson
@@ -48,6 +49,17 @@ DEFAULT_TOKEN_LIFETIME_S = 60.0
 TOKEN_MARGIN_S = 10.0
 # Redirects followed when fetching a token.
 MAX_TOKEN_REDIRECTS = 5
+
+
+def web_request(url: str, headers: dict[str, str] | None = None) -> urllib.request.Request:
+    """A request for an http(s) URL; any other scheme (``file:``, ``ftp:``) is a RegistryError.
+
+    URLs come from registries (redirects, token realms), so the scheme is checked
+    here rather than trusted.
+    """
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise RegistryError(f"{url}: not an http or https URL")
+    return urllib.request.Request(url, headers=headers or {})  # noqa: S310 - scheme checked above
 
 
 def split_host(host: str) -> str:
@@ -141,7 +153,7 @@ class RegistryClient:
         url = self._base(host) + path
         renewed = False
         for _ in range(3):
-            req = urllib.request.Request(url, headers=dict(headers))
+            req = web_request(url, dict(headers))
             token = self._token(host, scope)
             creds = self.credentials.get(auth.host_of(host))
             if token:
@@ -151,16 +163,17 @@ class RegistryClient:
                 self._secret_ok(host, url)
                 req.add_header("Authorization", self._basic(creds))
             try:
-                resp = self._opener.open(req, timeout=self.timeout)
-                return resp  # type: ignore[no-any-return]
+                return self._opener.open(req, timeout=self.timeout)  # type: ignore[no-any-return]
             except urllib.error.HTTPError as err:
                 if err.code in (301, 302, 303, 307, 308):
                     return self._follow(err.headers.get("Location", ""), url, headers)
-                if err.code == 401 and token and not renewed:
+                if err.code == HTTPStatus.UNAUTHORIZED and token and not renewed:
                     # Revoked or expired early: one new token, then give up.
                     self._tokens.pop((host, scope), None)
                     renewed = True
-                if err.code == 401 and self._authenticate(host, scope, err.headers, creds, url):
+                if err.code == HTTPStatus.UNAUTHORIZED and self._authenticate(
+                    host, scope, err.headers, creds, url
+                ):
                     continue
                 raise self._error(err, url) from None
             except (urllib.error.URLError, OSError) as err:
@@ -173,10 +186,9 @@ class RegistryClient:
         # Blob storage (S3, CDN) gets no registry credentials.
         target = urllib.parse.urljoin(url, location)
         plain = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        request = web_request(target, plain)
         try:
-            return urllib.request.urlopen(  # type: ignore[no-any-return]
-                urllib.request.Request(target, headers=plain), timeout=self.timeout
-            )
+            return urllib.request.urlopen(request, timeout=self.timeout)  # type: ignore[no-any-return]  # noqa: S310 - web_request checked the scheme
         except urllib.error.HTTPError as err:
             raise self._error(err, target) from None
         except (urllib.error.URLError, OSError) as err:
@@ -242,7 +254,7 @@ class RegistryClient:
         if creds is not None:
             self._secret_ok(host, url)
         for _ in range(MAX_TOKEN_REDIRECTS + 1):
-            req = urllib.request.Request(url)
+            req = web_request(url)
             if creds is not None and urllib.parse.urlsplit(url)[:2] == origin:
                 req.add_header("Authorization", self._basic(creds))
             try:
@@ -262,11 +274,14 @@ class RegistryClient:
 
     @staticmethod
     def _error(err: urllib.error.HTTPError, url: str) -> RegistryError:
-        if err.code == 401 or err.code == 403:
+        if err.code in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
             return RegistryError(f"{url}: unauthorized ({err.code})")
-        if err.code == 404:
+        if err.code == HTTPStatus.NOT_FOUND:
             return RegistryError(f"{url}: not found")
-        return RegistryError(f"{url}: HTTP {err.code} {err.reason}", retryable=err.code >= 500)
+        return RegistryError(
+            f"{url}: HTTP {err.code} {err.reason}",
+            retryable=err.code >= HTTPStatus.INTERNAL_SERVER_ERROR,
+        )
 
     def manifest(self, ref: Reference, reference: str | None = None) -> Manifest:
         """A manifest or index by tag or digest (``reference`` defaults to the ref's own)."""
@@ -291,7 +306,7 @@ class RegistryClient:
             ref.domain, f"/v2/{ref.path}/blobs/{digest}", f"repository:{ref.path}:pull", headers
         )
         with resp:
-            if offset and resp.status != 206:
+            if offset and resp.status != HTTPStatus.PARTIAL_CONTENT:
                 raise RegistryError(f"{ref}: registry cannot resume {digest}", retryable=False)
             try:
                 while chunk := resp.read(1 << 20):

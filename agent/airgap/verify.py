@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from agent._proto.containerd.types import descriptor_pb2
 from agent.archive import layout
@@ -119,7 +120,7 @@ class Report:
 def _members(path: str) -> dict[str, list[tuple[str, int]]]:
     """Every file and link name with the (kind, size) of each of its copies; checks blob names."""
     seen: dict[str, list[tuple[str, int]]] = {}
-    with open(path, "rb") as f:
+    with Path(path).open("rb") as f:
         for member, _ in walk(f):
             if member.kind == "other":
                 continue  # directories may be listed more than once
@@ -132,7 +133,7 @@ def _members(path: str) -> dict[str, list[tuple[str, int]]]:
 def _hashes_of(path: str, names: set[str]) -> dict[str, set[str]]:
     """The sha256 of every copy of ``names`` (links hash their target path)."""
     found: dict[str, set[str]] = {}
-    with open(path, "rb") as f:
+    with Path(path).open("rb") as f:
         for member, data in walk(f):
             if member.name not in names:
                 continue
@@ -146,21 +147,26 @@ def _hashes_of(path: str, names: set[str]) -> dict[str, set[str]]:
     return found
 
 
+def _check_duplicates(path: str) -> None:
+    """Raise ArchiveError (without the file name) for duplicate names that differ."""
+    seen = _members(path)
+    twice = {name: copies for name, copies in seen.items() if len(copies) > 1}
+    for name, copies in twice.items():
+        if len(set(copies)) > 1:
+            raise ArchiveError(f"{name} is in the archive {len(copies)} times, not the same")
+    if twice:
+        for name, hashes in _hashes_of(path, set(twice)).items():
+            if len(hashes) > 1:
+                raise ArchiveError(
+                    f"{name} is in the archive {len(twice[name])} times "
+                    "with different contents (tar -x would keep the last)"
+                )
+
+
 def check_members(path: str) -> None:
     """Refuse an archive whose duplicate names differ, or whose blob names are not digests."""
     try:
-        seen = _members(path)
-        twice = {name: copies for name, copies in seen.items() if len(copies) > 1}
-        for name, copies in twice.items():
-            if len(set(copies)) > 1:
-                raise ArchiveError(f"{name} is in the archive {len(copies)} times, not the same")
-        if twice:
-            for name, hashes in _hashes_of(path, set(twice)).items():
-                if len(hashes) > 1:
-                    raise ArchiveError(
-                        f"{name} is in the archive {len(twice[name])} times "
-                        "with different contents (tar -x would keep the last)"
-                    )
+        _check_duplicates(path)
     except ArchiveError as err:
         raise err.for_file(path) from None
     except OSError as err:

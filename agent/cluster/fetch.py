@@ -10,11 +10,11 @@ redacted form.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,9 @@ from agent.cluster.state import Labels, State, parse_selector
 URL_TIMEOUT_S = 10.0
 MAX_DOCUMENT_BYTES = sources.MAX_DOCUMENT_BYTES
 KINDS = ("images", "cr", "list", "che", "env")
+# Found secrets shorter than this are not blanked out of messages (they would hit
+# ordinary words); the URLs that hold them are redacted whole anyway.
+MIN_SECRET_CHARS = 4
 
 
 # Query parameters whose values are credentials (GitLab private_token, OAuth
@@ -94,8 +97,7 @@ def _secrets(url: str) -> list[str]:
         found += [userinfo, userinfo.partition(":")[2]]
     found += [m[3] for m in _PARAM.finditer(url) if _secret_param(m[2])]
     found += [urllib.parse.unquote(s) for s in found]
-    # Short values would blank out ordinary words; their URLs are redacted whole anyway.
-    return sorted({s for s in found if len(s) >= 4}, key=len, reverse=True)
+    return sorted({s for s in found if len(s) >= MIN_SECRET_CHARS}, key=len, reverse=True)
 
 
 def scrub(text: str, url: str) -> str:
@@ -139,7 +141,7 @@ class Source:
         if self.path is None:
             return None
         try:
-            st = os.stat(self.path)
+            st = Path(self.path).stat()
         except OSError:
             return -1, -1
         return st.st_mtime_ns, st.st_size
@@ -178,7 +180,7 @@ class Fetcher:
         try:
             async with asyncio.timeout(self.timeout):
                 async with self.session.get(url, allow_redirects=True) as resp:
-                    if resp.status != 200:
+                    if resp.status != HTTPStatus.OK:
                         raise sources.SourceError(f"{shown}: HTTP {resp.status}")
                     body = await read_whole(resp, MAX_DOCUMENT_BYTES)
                     return body.decode("utf-8", errors="replace")
@@ -274,7 +276,7 @@ class Sources:
             except sources.SourceError as err:
                 self._failed(src, str(err), log)
                 continue
-            except Exception as err:  # a parser bug must not end the refresher
+            except Exception as err:  # noqa: BLE001 - a parser bug must not end the refresher
                 self._failed(src, f"{type(err).__name__}: {err}", log)
                 continue
             state.contribute(contribution)

@@ -58,7 +58,127 @@ NODE = {
 AUTH = {"401": _problem("a bearer token is required (--auth-reads) and none valid was sent")}
 
 
+def _text(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+def _images() -> dict[str, Any]:
+    """GET /v1/images: the list for one node, long-polled with If-None-Match."""
+    parameters = [
+        {"name": "node", "in": "query", "schema": NODE},
+        {
+            "name": "labels",
+            "in": "query",
+            "description": "the node's labels, k=v[,k=v]",
+            "schema": {"type": "string", "maxLength": 2000},
+        },
+        {
+            "name": "wait",
+            "in": "query",
+            "description": "hold up to this long (at most 60s) for a change",
+            "schema": {"type": "string", "pattern": "^[0-9]{1,2}s$"},
+        },
+        {
+            "name": "If-None-Match",
+            "in": "header",
+            "description": "the ETag held; compared weakly",
+            "schema": {"type": "string", "maxLength": 200},
+        },
+    ]
+    listed = {
+        "description": "the list: one image a line, or JSON",
+        "headers": {"ETag": {"schema": {"type": "string"}}},
+        "content": {
+            "text/plain": {"schema": {"type": "string"}},
+            "application/json": {"schema": {"$ref": REF.format(model="ImageList")}},
+        },
+    }
+    return {
+        "operationId": "getImages",
+        "summary": "The images one node should hold (long poll with If-None-Match)",
+        "parameters": parameters,
+        "responses": {
+            "200": listed,
+            "304": {"description": "the list has not changed"},
+            "400": _bad_request("a malformed parameter"),
+            **AUTH,
+        },
+    }
+
+
+def _put_status() -> dict[str, Any]:
+    """PUT /v1/nodes/{name}/status: a node's report."""
+    return {
+        "operationId": "putNodeStatus",
+        "summary": "A node's report (its own node token, or the shared token)",
+        "security": [{"bearer": []}, {}],
+        "parameters": [{"name": "name", "in": "path", "required": True, "schema": NODE}],
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": REF.format(model="NodeReport")}}},
+        },
+        "responses": {
+            "204": {"description": "stored"},
+            "400": _bad_request("the report or the name is invalid; names the field"),
+            "401": _problem("no valid bearer token"),
+            "403": _problem("the token may not write this node's report"),
+            "408": _problem("the body did not arrive in time"),
+            "413": _problem("the report is too large"),
+        },
+    }
+
+
+def _status() -> dict[str, Any]:
+    return {
+        "operationId": "getStatus",
+        "summary": "node x image view with a summary",
+        "responses": {
+            "200": _json("StatusView", "the view"),
+            "503": _problem("the view is not built yet"),
+            **AUTH,
+        },
+    }
+
+
+def _listing() -> dict[str, Any]:
+    return {
+        "operationId": "getList",
+        "summary": "the assembled list with provenance, the report and sources",
+        "responses": {"200": _json("Listing", "the list"), **AUTH},
+    }
+
+
+def _self() -> dict[str, Any]:
+    return {
+        "operationId": "getOpenAPI",
+        "summary": "this document",
+        "responses": {
+            "200": {
+                "description": "OpenAPI 3.1",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+    }
+
+
+def _healthz() -> dict[str, Any]:
+    return {
+        "operationId": "healthz",
+        "summary": "ok, or 503 naming a background task that ended",
+        "responses": {"200": _text("ok"), "503": _text("a task ended")},
+    }
+
+
+def _metrics() -> dict[str, Any]:
+    return {
+        "operationId": "metrics",
+        "summary": "Prometheus metrics",
+        "responses": {"200": _text("text exposition format")},
+    }
+
+
 def document() -> dict[str, Any]:
+    """The whole description; key order is kept, as the server serves it unsorted."""
     return {
         "openapi": "3.1.0",
         "info": {
@@ -71,130 +191,13 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "paths": {
-            "/v1/images": {
-                "get": {
-                    "operationId": "getImages",
-                    "summary": "The images one node should hold (long poll with If-None-Match)",
-                    "parameters": [
-                        {"name": "node", "in": "query", "schema": NODE},
-                        {
-                            "name": "labels",
-                            "in": "query",
-                            "description": "the node's labels, k=v[,k=v]",
-                            "schema": {"type": "string", "maxLength": 2000},
-                        },
-                        {
-                            "name": "wait",
-                            "in": "query",
-                            "description": "hold up to this long (at most 60s) for a change",
-                            "schema": {"type": "string", "pattern": "^[0-9]{1,2}s$"},
-                        },
-                        {
-                            "name": "If-None-Match",
-                            "in": "header",
-                            "description": "the ETag held; compared weakly",
-                            "schema": {"type": "string", "maxLength": 200},
-                        },
-                    ],
-                    "responses": {
-                        "200": {
-                            "description": "the list: one image a line, or JSON",
-                            "headers": {"ETag": {"schema": {"type": "string"}}},
-                            "content": {
-                                "text/plain": {"schema": {"type": "string"}},
-                                "application/json": {
-                                    "schema": {"$ref": REF.format(model="ImageList")}
-                                },
-                            },
-                        },
-                        "304": {"description": "the list has not changed"},
-                        "400": _bad_request("a malformed parameter"),
-                        **AUTH,
-                    },
-                }
-            },
-            "/v1/nodes/{name}/status": {
-                "put": {
-                    "operationId": "putNodeStatus",
-                    "summary": "A node's report (its own node token, or the shared token)",
-                    "security": [{"bearer": []}, {}],
-                    "parameters": [
-                        {"name": "name", "in": "path", "required": True, "schema": NODE}
-                    ],
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {"schema": {"$ref": REF.format(model="NodeReport")}}
-                        },
-                    },
-                    "responses": {
-                        "204": {"description": "stored"},
-                        "400": _bad_request("the report or the name is invalid; names the field"),
-                        "401": _problem("no valid bearer token"),
-                        "403": _problem("the token may not write this node's report"),
-                        "408": _problem("the body did not arrive in time"),
-                        "413": _problem("the report is too large"),
-                    },
-                }
-            },
-            "/v1/status": {
-                "get": {
-                    "operationId": "getStatus",
-                    "summary": "node x image view with a summary",
-                    "responses": {
-                        "200": _json("StatusView", "the view"),
-                        "503": _problem("the view is not built yet"),
-                        **AUTH,
-                    },
-                }
-            },
-            "/v1/list": {
-                "get": {
-                    "operationId": "getList",
-                    "summary": "the assembled list with provenance, the report and sources",
-                    "responses": {"200": _json("Listing", "the list"), **AUTH},
-                }
-            },
-            "/v1/openapi.json": {
-                "get": {
-                    "operationId": "getOpenAPI",
-                    "summary": "this document",
-                    "responses": {
-                        "200": {
-                            "description": "OpenAPI 3.1",
-                            "content": {"application/json": {"schema": {"type": "object"}}},
-                        }
-                    },
-                }
-            },
-            "/healthz": {
-                "get": {
-                    "operationId": "healthz",
-                    "summary": "ok, or 503 naming a background task that ended",
-                    "responses": {
-                        "200": {
-                            "description": "ok",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        },
-                        "503": {
-                            "description": "a task ended",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        },
-                    },
-                }
-            },
-            "/metrics": {
-                "get": {
-                    "operationId": "metrics",
-                    "summary": "Prometheus metrics",
-                    "responses": {
-                        "200": {
-                            "description": "text exposition format",
-                            "content": {"text/plain": {"schema": {"type": "string"}}},
-                        }
-                    },
-                }
-            },
+            "/v1/images": {"get": _images()},
+            "/v1/nodes/{name}/status": {"put": _put_status()},
+            "/v1/status": {"get": _status()},
+            "/v1/list": {"get": _listing()},
+            "/v1/openapi.json": {"get": _self()},
+            "/healthz": {"get": _healthz()},
+            "/metrics": {"get": _metrics()},
         },
     }
 

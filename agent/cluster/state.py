@@ -19,6 +19,9 @@ from agent.cluster.assemble import Assembled, Contribution
 
 Labels = tuple[tuple[str, str], ...]
 
+# Label sets whose lists are cached; beyond this, lists are computed per request.
+MAX_CACHED_LISTS = 10_000
+
 
 def parse_selector(text: str) -> Labels:
     """``k=v,k2=v2`` as sorted pairs; ValueError names the bad text."""
@@ -36,8 +39,8 @@ def weak_match(header: str, etag: str) -> bool:
     if not header or not etag:
         return False
     want = etag.removeprefix("W/")
-    for candidate in header.split(","):
-        candidate = candidate.strip()
+    for item in header.split(","):
+        candidate = item.strip()
         if candidate == "*" or candidate.removeprefix("W/") == want:
             return True
     return False
@@ -106,7 +109,7 @@ class State:
         if hit is None:
             images = self.assembled.for_node(dict(labels))
             hit = (images, assemble.etag(images))
-            if len(self._lists) < 10_000:
+            if len(self._lists) < MAX_CACHED_LISTS:
                 self._lists[labels] = hit
         return hit
 

@@ -28,6 +28,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable, Mapping
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +89,18 @@ class ClusterClient:
         *,
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
-        timeout: float | None = None,
+        seconds: float | None = None,
         limit: int = schema.MAX_LIST_BYTES,
     ) -> tuple[int, Mapping[str, str], bytes]:
-        """(status, headers (case-insensitive), whole body); ClusterError on any failure,
-        short bodies included."""
-        assert self._session is not None, "use the client as an async context manager"
+        """(status, headers (case-insensitive), whole body) within ``seconds`` (default
+        the client's timeout); ClusterError on any failure, short bodies included."""
+        if self._session is None:
+            raise RuntimeError("use the client as an async context manager")
         all_headers = dict(headers or {})
         if self.token:
             all_headers["Authorization"] = f"Bearer {self.token}"
         try:
-            async with asyncio.timeout(timeout or self.timeout):
+            async with asyncio.timeout(seconds or self.timeout):
                 async with self._session.request(
                     method, self.url + path, data=body, headers=all_headers
                 ) as resp:
@@ -128,9 +130,9 @@ class ClusterClient:
         if etag:
             headers["If-None-Match"] = etag
         status, got, body = await self._request(
-            "GET", f"/v1/images?{query}", headers=headers, timeout=wait + self.timeout
+            "GET", f"/v1/images?{query}", headers=headers, seconds=wait + self.timeout
         )
-        if status != 200:
+        if status != HTTPStatus.OK:
             return status, got.get("ETag", ""), []
         try:
             doc = schema.parse_image_list(body)
@@ -147,11 +149,13 @@ class ClusterClient:
             headers={"Content-Type": "application/json"},
             limit=1 << 16,
         )
-        return status, body[:300].decode(errors="replace") if status >= 400 else ""
+        return status, body[:300].decode(
+            errors="replace"
+        ) if status >= HTTPStatus.BAD_REQUEST else ""
 
     async def get_json(self, path: str) -> Any:
         status, _, body = await self._request("GET", path)
-        if status != 200:
+        if status != HTTPStatus.OK:
             text = body[:200].decode(errors="replace")
             raise ClusterError(f"{self.url}{path}: HTTP {status} {text}")
         try:
@@ -252,32 +256,35 @@ class ClusterSync:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stop = asyncio.Event()
+        self._stop = stop = asyncio.Event()
         self._started.set()
         async with self.client:
             tasks = [
                 asyncio.create_task(
-                    self._forever("cluster.unreachable", self._poll_once, self.min_interval)
+                    self._forever("cluster.unreachable", self._poll_once, stop, self.min_interval)
                 ),
                 asyncio.create_task(
-                    self._forever("cluster.report_failed", self._report_once, CHECK_S)
+                    self._forever("cluster.report_failed", self._report_once, stop, CHECK_S)
                 ),
             ]
-            await self._stop.wait()
+            await stop.wait()
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _sleep(self, seconds: float) -> None:
-        assert self._stop is not None
+    @staticmethod
+    async def _sleep(stop: asyncio.Event, seconds: float) -> None:
+        """Wait ``seconds``, or less if ``stop`` is set meanwhile."""
         if seconds > 0:
             try:
                 async with asyncio.timeout(seconds):
-                    await self._stop.wait()
+                    await stop.wait()
             except TimeoutError:
                 pass
 
-    async def _forever(self, event: str, once: Callable[[], Any], min_gap: float = 0.0) -> None:
+    async def _forever(
+        self, event: str, once: Callable[[], Any], stop: asyncio.Event, min_gap: float = 0.0
+    ) -> None:
         """Run ``once`` until stopped; it returns the seconds to wait before the next round.
 
         An error is logged once as ``event`` (until a round works again) and
@@ -285,9 +292,8 @@ class ClusterSync:
         round began: a server that answers errors at once (a restart) is not
         asked more often than one that answers lists.
         """
-        assert self._stop is not None
         backoff, failing = 1.0, ""
-        while not self._stop.is_set():
+        while not stop.is_set():
             started = time.monotonic()
             try:
                 delay = await once()
@@ -296,7 +302,7 @@ class ClusterSync:
                 backoff, failing = 1.0, ""
             except asyncio.CancelledError:
                 raise
-            except Exception as err:  # nothing ends this loop but stop()
+            except Exception as err:  # noqa: BLE001 - nothing ends this loop but stop()
                 why = _reason(err)
                 if why != failing:
                     # Unreachable or refused; anything else (a full disk) is this node's trouble.
@@ -305,7 +311,7 @@ class ClusterSync:
                 failing = why
                 delay = max(backoff, min_gap - (time.monotonic() - started))
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
-            await self._sleep(delay)
+            await self._sleep(stop, delay)
 
     def _load_cache(self) -> None:
         try:
@@ -327,13 +333,13 @@ class ClusterSync:
     async def _poll_once(self) -> float:
         started = time.monotonic()
         status, etag, images = await self.client.images(self.node, self.labels, self.etag, WAIT_S)
-        if status == 200:
+        if status == HTTPStatus.OK:
             data = json.dumps({"etag": etag, "images": images}).encode()
             await asyncio.to_thread(write_atomic, self.cache, data)
             self.etag = etag
             self._apply(images)
             self.log.info("cluster.list", images=len(images), etag=etag)
-        elif status != 304:
+        elif status != HTTPStatus.NOT_MODIFIED:
             raise ClusterError(f"{self.client.url}: HTTP {status} for the list")
         return self.min_interval - (time.monotonic() - started)
 
@@ -344,10 +350,10 @@ class ClusterSync:
         if digest == self._last[0] and time.monotonic() - self._last[1] < self.report_interval:
             return CHECK_S
         status, why = await self.client.put_status(self.node, doc)
-        if status == 204:
+        if status == HTTPStatus.NO_CONTENT:
             self._last = (digest, time.monotonic())
             return CHECK_S
-        if 400 <= status < 500:
+        if HTTPStatus.BAD_REQUEST <= status < HTTPStatus.INTERNAL_SERVER_ERROR:
             # The server refuses this report (credential, schema): say so, and try
             # again at the next interval rather than at once.
             self.log.warning("cluster.report_refused", status=status, error=why)
