@@ -19,12 +19,12 @@ import pytest
 from google.protobuf import empty_pb2
 
 from agent._proto.containerd.services.leases.v1 import leases_pb2_grpc
-from agent.airgap.verify import MemoryStore
 from agent.archive import layout, limits
 from agent.archive.compression import Compression
 from agent.containerd.client import Containerd
 from agent.containerd.content import Blob
 from agent.containerd.images import ImageRecord, Put
+from agent.containerd.memory import MemoryStore
 from agent.containerd.rpc import channel_options, translate
 from agent.errors import (
     ArchiveError,
