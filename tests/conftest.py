@@ -84,6 +84,7 @@ def cli(ctd: PrivateContainerd):  # type: ignore[no-untyped-def]
             env=env,
             cwd=ROOT,
             timeout=timeout,
+            check=False,
         )
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
@@ -111,7 +112,7 @@ class Podman:
             "none",
             *args,
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         if proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed: {proc.stderr}")
         return proc.stdout
@@ -144,6 +145,7 @@ def ctr(ctd: PrivateContainerd, namespace: str, *args: str) -> str:
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     if proc.returncode != 0:
         raise AssertionError(f"ctr {' '.join(args)} failed: {proc.stderr}")

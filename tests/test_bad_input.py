@@ -131,26 +131,30 @@ def _deep_config(node: Platform) -> bytes:
         if data.startswith(b"{") and isinstance(json.loads(data).get("layers"), list):
             doc = json.loads(data)
             doc["config"] = {"mediaType": layout.OCI_CONFIG, "digest": c, "size": len(config)}
-            data = layout.dump_json(doc)
-            m = layout.sha256(data)
-            name = f"blobs/sha256/{m[7:]}"
+            manifest = layout.dump_json(doc)
+            m = layout.sha256(manifest)
             index = {
                 "schemaVersion": 2,
                 "manifests": [
                     {
                         "mediaType": layout.OCI_MANIFEST,
                         "digest": m,
-                        "size": len(data),
+                        "size": len(manifest),
                         "annotations": {layout.ANNOTATION_IMAGE_NAME: "deep:1"},
                     }
                 ],
             }
             out.append(("index.json", layout.dump_json(index)))
-        elif name == "index.json":
-            continue
-        out.append((name, data))
+            out.append((f"blobs/sha256/{m[7:]}", manifest))
+        elif name != "index.json":
+            out.append((name, data))
     out.append((f"blobs/sha256/{c[7:]}", config))
     return samples.archive_bytes(out)
+
+
+def _flip_bytes(data: bytes, start: int, end: int) -> bytes:
+    """``data`` with every byte in [start, end) XOR-ed: damage inside a compressed stream."""
+    return data[:start] + bytes(b ^ 0x5A for b in data[start:end]) + data[end:]
 
 
 def _many_entries_manifest(node: Platform) -> bytes:
@@ -227,9 +231,7 @@ CASES: dict[str, tuple[Callable[[Platform], bytes], str]] = {
         "truncated",
     ),
     "corrupt-gzip": (
-        lambda n: (lambda d: d[:200] + bytes(b ^ 0x5A for b in d[200:400]) + d[400:])(
-            samples.compress(_good(n, 50_000), "gzip")
-        ),
+        lambda n: _flip_bytes(samples.compress(_good(n, 50_000), "gzip"), 200, 400),
         "corrupt gzip data",
     ),
     "not-a-tar": (lambda n: b"this is a text file, not an archive\n" * 40, "not a tar archive"),
@@ -267,7 +269,7 @@ CASES: dict[str, tuple[Callable[[Platform], bytes], str]] = {
         "leaves the archive",
     ),
     "diff-id-mismatch": (
-        lambda n: _lying_config(n),
+        lambda n: _lying_config(n),  # noqa: PLW0108 - defined further down
         "unpacks to",
     ),
 }

@@ -80,6 +80,7 @@ def test_agent_client_and_cli_read_lists_over_a_megabyte(cluster, tmp_path: Path
             text=True,
             cwd=ROOT,
             timeout=120,
+            check=False,
         )
         assert proc.returncode == 0, (command, proc.stderr[-500:])
         assert len(proc.stdout) > 1 << 20
@@ -103,8 +104,8 @@ class Answers503:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            do_GET = _refuse
-            do_PUT = _refuse
+            do_GET = _refuse  # noqa: N815 - the name http.server dispatches GET to
+            do_PUT = _refuse  # noqa: N815 - the name http.server dispatches PUT to
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -141,6 +142,7 @@ def _serve_fails(*args: str, env: dict[str, str] | None = None) -> str:
         cwd=ROOT,
         timeout=60,
         env=env,
+        check=False,
     )
     assert proc.returncode == 2, (args, proc.stderr)
     lines = proc.stderr.strip().splitlines()

@@ -52,7 +52,7 @@ def test_slow_copy_is_never_imported_early(daemon, client: Containerd, node: Pla
     data = samples.oci_archive([samples.simple_image("slow:1", {"big": os.urandom(600_000)}, node)])
     path = d.images / "slow.tar"
     release = threading.Event()
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         for i in range(0, len(data), 100_000):
             f.write(data[i : i + 100_000])
             f.flush()
@@ -177,7 +177,7 @@ def drop_big_archive(d, name: str, node: Platform, layers: int = 4, mib: int = 4
         samples.docker_archive([samples.SampleImage(name, (samples.Variant(node, content),))])
     )
     path = d.images / "big.tar"
-    os.rename(staging, path)
+    staging.rename(path)
     return path
 
 
@@ -189,7 +189,7 @@ def test_kill_9_mid_import_then_restart(
     d.start()
     drop_big_archive(d, "big:1", node)
     wait_for(lambda: d.named("import.started"), 90, "the import to start")
-    wait_for(lambda: client.leases(), 90, "the import's lease")
+    wait_for(client.leases, 90, "the import's lease")
     d.kill()
     d.start()
     rec = d.wait_state(d.images / "big.tar", "imported", timeout=120)
@@ -206,7 +206,7 @@ def test_containerd_restart_mid_import_is_retried(
     d = daemon()
     d.start()
     drop_big_archive(d, "cr:1", node)
-    wait_for(lambda: client.leases(), 90, "the import's lease")
+    wait_for(client.leases, 90, "the import's lease")
     ctd.kill()
     # Deferred, not failed: the record goes back to pending (between retries while it is down).
     wait_for(

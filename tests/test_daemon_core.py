@@ -152,9 +152,9 @@ def test_open_for_writing_sees_a_copy_in_progress(tmp_path: Path) -> None:
     path = tmp_path / "f.tar"
     path.write_bytes(b"x")
     assert not files.open_for_writing(path)
-    with open(path, "ab"):
+    with path.open("ab"):
         assert files.open_for_writing(path)
-    with open(path, "rb"):
+    with path.open("rb"):
         assert not files.open_for_writing(path)
 
 
@@ -177,7 +177,7 @@ def test_store_round_trip_and_retry_requests(tmp_path: Path) -> None:
     store.request_retry("/d/a.tar")
     assert store.take_requests() == ["/d/a.tar"]
     assert store.take_requests() == []
-    assert not [p for p in os.listdir(tmp_path / "requests") if p.startswith(".")]
+    assert not [p for p in (tmp_path / "requests").iterdir() if p.name.startswith(".")]
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
@@ -191,7 +191,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     path = tmp_path / "image-agent.service"
     path.write_text(unit.replace("/usr/bin/image-agent", str(exe)))
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True
+        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
@@ -212,7 +212,7 @@ def test_status_reads_a_read_only_state_directory(tmp_path: Path) -> None:
     subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="Read-only file system"):
             (ro / "probe").write_bytes(b"")  # really read-only, even for root
         reader = Store(ro, readonly=True)
         try:

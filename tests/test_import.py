@@ -27,14 +27,14 @@ from tests.helpers import (
 
 
 def _write(path: Path, data: bytes, compression: str = "none") -> Path:
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         samples.write(f, data, compression)
     return path
 
 
 def _cli_compress(path: Path, tool: list[str], out: Path) -> Path:
     """Compress with the real command-line tool (``tool -c path > out``)."""
-    with open(out, "wb") as f:
+    with out.open("wb") as f:
         subprocess.run([*tool, "-c", str(path)], check=True, stdout=f)
     return out
 

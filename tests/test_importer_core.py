@@ -123,7 +123,7 @@ def test_fifo_is_refused_at_once(tmp_path: Path) -> None:
     def run() -> None:
         try:
             Importer(MemoryStore(), OPTIONS).import_file(str(fifo))
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - whatever the thread meets is checked below
             outcome.append(err)
         done.set()
 
@@ -132,7 +132,7 @@ def test_fifo_is_refused_at_once(tmp_path: Path) -> None:
     finished = done.wait(5)
     if not finished:
         # Unblock the stuck open() so the thread ends, then fail.
-        with open(fifo, "wb"):
+        with fifo.open("wb"):
             pass
         pytest.fail("import_file blocked on a FIFO")
     assert len(outcome) == 1 and isinstance(outcome[0], ArchiveError)
@@ -335,7 +335,7 @@ class _WedgedLeases(leases_pb2_grpc.LeasesServicer):  # type: ignore[misc]
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def Delete(self, request: object, context: object) -> empty_pb2.Empty:
+    def Delete(self, request: object, context: object) -> empty_pb2.Empty:  # noqa: N802 - gRPC name
         self.release.wait(30)
         return empty_pb2.Empty()
 

@@ -215,7 +215,7 @@ def test_archive_images_stay_pinned_when_list_drops_them(
     d.start()
     archive = samples.oci_archive([samples.simple_image(ref, {"f": b"both/img:1"}, node)])
     (d.images / ".a.tmp").write_bytes(archive)
-    os.rename(d.images / ".a.tmp", d.images / "a.tar")
+    (d.images / ".a.tmp").rename(d.images / "a.tar")
     d.wait_state(d.images / "a.tar", "imported")
     lst = d.images / "l.txt"
     lst.write_text(ref + "\n")
