@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,8 +61,10 @@ def test_platform_named_archives() -> None:
     assert (
         skipped is not None and skipped.state is State.SKIPPED and "linux/arm64" in skipped.reason
     )
-    assert plan.observe(None, obs(named=Platform("linux", "amd64")), AMD64).state is State.PENDING  # type: ignore[union-attr]
-    assert plan.observe(None, obs(named=Platform("linux", "arm64")), None).state is State.PENDING  # type: ignore[union-attr]
+    matching = plan.observe(None, obs(named=Platform("linux", "amd64")), AMD64)
+    assert matching is not None and matching.state is State.PENDING
+    unfiltered = plan.observe(None, obs(named=Platform("linux", "arm64")), None)
+    assert unfiltered is not None and unfiltered.state is State.PENDING
 
 
 def test_same_size_replacement_detected_by_fingerprint() -> None:
@@ -184,7 +186,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     """systemd-analyze verify accepts the unit (with ExecStart pointed at this checkout)."""
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze is missing (scripts/bootstrap installs systemd)")
-    exe = Path(os.sys.executable).with_name("image-agent")  # type: ignore[attr-defined]
+    exe = Path(sys.executable).with_name("image-agent")
     unit = (ROOT / "systemd" / "image-agent.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "StateDirectory=image-agent" in unit
     assert "EnvironmentFile=-/etc/default/image-agent" in unit and "Restart=always" in unit

@@ -883,7 +883,12 @@ def test_stale_heartbeat_stops_the_watchdog(tmp_path: Path) -> None:
     # The archives duty marks itself busy for the import only.
     env = Env(tmp_path)
     during: list[bool] = []
-    env.importer.around = lambda path, run: (during.append(env.duty.heartbeat.busy), run())[1]
+
+    def noting_busy(path: str, run: Callable[[], ImportResult]) -> ImportResult:
+        during.append(env.duty.heartbeat.busy)
+        return run()
+
+    env.importer.around = noting_busy
     env.archive("a.tar")
     env.duty.start_up()
     env.settle_and_step(1)

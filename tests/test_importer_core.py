@@ -329,7 +329,7 @@ def test_only_a_complete_import_waits_for_collection(tmp_path: Path) -> None:
     assert store.released == [True, False]
 
 
-class _WedgedLeases(leases_pb2_grpc.LeasesServicer):  # type: ignore[misc]
+class _WedgedLeases(leases_pb2_grpc.LeasesServicer):
     """A Leases service whose Delete never answers until released (a wedged containerd)."""
 
     def __init__(self) -> None:
@@ -344,7 +344,8 @@ def test_sync_lease_delete_has_a_deadline(tmp_path: Path) -> None:
     """Releasing a lease on a containerd that never answers ends at the client's deadline."""
     servicer = _WedgedLeases()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    leases_pb2_grpc.add_LeasesServicer_to_server(servicer, server)
+    # The generated gRPC stubs are untyped.
+    leases_pb2_grpc.add_LeasesServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     socket = f"unix://{tmp_path}/c.sock"
     server.add_insecure_port(socket)
     server.start()
