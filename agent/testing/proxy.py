@@ -96,7 +96,8 @@ class HttpProxy:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self.port = 0
-        threading.Thread(target=self._run, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("proxy did not start")
 
@@ -122,6 +123,7 @@ class HttpProxy:
         self.loop.run_until_complete(setup())
         self._ready.set()
         self.loop.run_forever()
+        self.loop.close()  # stopped by close(): its selector and wake-up sockets go too
 
     async def _handle(self, request: web.Request) -> web.Response:
         from aiohttp import web
@@ -153,3 +155,4 @@ class HttpProxy:
 
         asyncio.run_coroutine_threadsafe(down(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
