@@ -50,17 +50,20 @@ def ctd() -> Iterator[PrivateContainerd]:
 
 @pytest.fixture
 def client(ctd: PrivateContainerd) -> Iterator[Containerd]:
+    """The agent's own client, connected to the test's containerd."""
     with Containerd(ctd.address) as c:
         yield c
 
 
 @pytest.fixture
 def node() -> Platform:
+    """This machine's platform (what the importer picks by default)."""
     return platforms.node()
 
 
 @pytest.fixture
 def other_platform(node: Platform) -> Platform:
+    """A platform that is not this machine's."""
     return (
         Platform("linux", "arm64") if node.architecture != "arm64" else Platform("linux", "amd64")
     )
@@ -165,6 +168,7 @@ class Podman:
 
 @pytest.fixture(scope="session")
 def podman() -> Iterator[Podman]:
+    """podman with storage of its own for the session, removed at the end."""
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed (scripts/bootstrap installs it)")
     base = Path(tempfile.mkdtemp(prefix="ia-podman-", dir="/tmp"))
