@@ -10,6 +10,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pytest
 import structlog
@@ -19,6 +20,7 @@ from agent.image import platforms
 from agent.image.platforms import Platform
 from agent.testing.processes import DaemonProcess, Registry
 from agent.testing.sandbox import PrivateContainerd, select_release
+from tests.cluster_servers import ClusterProcess, FixtureServer
 
 ROOT = Path(__file__).resolve().parent.parent
 # The containerd release under test (IMAGE_AGENT_TEST_CONTAINERD: 1.6, 1.7 or 2).
@@ -48,17 +50,20 @@ def ctd() -> Iterator[PrivateContainerd]:
 
 @pytest.fixture
 def client(ctd: PrivateContainerd) -> Iterator[Containerd]:
+    """The agent's own client, connected to the test's containerd."""
     with Containerd(ctd.address) as c:
         yield c
 
 
 @pytest.fixture
 def node() -> Platform:
+    """This machine's platform (what the importer picks by default)."""
     return platforms.node()
 
 
 @pytest.fixture
 def other_platform(node: Platform) -> Platform:
+    """A platform that is not this machine's."""
     return (
         Platform("linux", "arm64") if node.architecture != "arm64" else Platform("linux", "amd64")
     )
@@ -71,8 +76,41 @@ class CliResult:
     err: str
 
 
+class RunCli(Protocol):
+    """The ``cli`` fixture: ``image-agent ARGS`` as a process; its exit code and output."""
+
+    def __call__(
+        self, *args: str, address: str | None = None, timeout: float = 300
+    ) -> CliResult: ...
+
+
+class StartDaemon(Protocol):
+    """The ``daemon`` fixture: a daemon process (not started) with extra arguments."""
+
+    def __call__(self, *extra: str) -> DaemonProcess: ...
+
+
+class StartRegistry(Protocol):
+    """The ``registry`` fixture: a started registry, with basic auth if a user is given."""
+
+    def __call__(self, user: str = "", password: str = "") -> Registry: ...
+
+
+class StartCluster(Protocol):
+    """The ``cluster`` fixture: a cluster server process, up, with these arguments."""
+
+    def __call__(self, *args: str, scheme: str = "http", cafile: str = "") -> ClusterProcess: ...
+
+
+class ServeFiles(Protocol):
+    """The ``fixtures`` fixture: an HTTP server on loopback answering with these bodies
+    (asking for this ``user:password`` first if given)."""
+
+    def __call__(self, files: dict[str, bytes], basic_auth: str = "") -> FixtureServer: ...
+
+
 @pytest.fixture
-def cli(ctd: PrivateContainerd):  # type: ignore[no-untyped-def]
+def cli(ctd: PrivateContainerd) -> RunCli:
     """Run ``image-agent`` as a separate process against the test's containerd."""
 
     def run(*args: str, address: str | None = None, timeout: float = 300) -> CliResult:
@@ -84,6 +122,7 @@ def cli(ctd: PrivateContainerd):  # type: ignore[no-untyped-def]
             env=env,
             cwd=ROOT,
             timeout=timeout,
+            check=False,
         )
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
@@ -111,7 +150,7 @@ class Podman:
             "none",
             *args,
         ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
         if proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} failed: {proc.stderr}")
         return proc.stdout
@@ -129,6 +168,7 @@ class Podman:
 
 @pytest.fixture(scope="session")
 def podman() -> Iterator[Podman]:
+    """podman with storage of its own for the session, removed at the end."""
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed (scripts/bootstrap installs it)")
     base = Path(tempfile.mkdtemp(prefix="ia-podman-", dir="/tmp"))
@@ -144,6 +184,7 @@ def ctr(ctd: PrivateContainerd, namespace: str, *args: str) -> str:
         capture_output=True,
         text=True,
         timeout=300,
+        check=False,
     )
     if proc.returncode != 0:
         raise AssertionError(f"ctr {' '.join(args)} failed: {proc.stderr}")
@@ -151,7 +192,8 @@ def ctr(ctd: PrivateContainerd, namespace: str, *args: str) -> str:
 
 
 @pytest.fixture
-def daemon(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped-def]
+def daemon(ctd: PrivateContainerd, tmp_path: Path) -> Iterator[StartDaemon]:
+    """Daemon processes against the test's containerd, killed at the end if still running."""
     procs: list[DaemonProcess] = []
 
     def make(*extra: str) -> DaemonProcess:
@@ -166,7 +208,7 @@ def daemon(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped-d
 
 
 @pytest.fixture
-def registry(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped-def]
+def registry(ctd: PrivateContainerd, tmp_path: Path) -> Iterator[StartRegistry]:
     """Start registries on demand; the test's containerd may pull from them over plain HTTP."""
     started: list[Registry] = []
 
@@ -180,6 +222,36 @@ def registry(ctd: PrivateContainerd, tmp_path: Path):  # type: ignore[no-untyped
     yield make
     for r in started:
         r.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[StartCluster]:
+    """Cluster server processes on demand, stopped at the end of the test."""
+    started: list[ClusterProcess] = []
+
+    def make(*args: str, scheme: str = "http", cafile: str = "") -> ClusterProcess:
+        c = ClusterProcess(tmp_path, *args, scheme=scheme, cafile=cafile)
+        started.append(c)
+        return c
+
+    yield make
+    for c in started:
+        c.close()
+
+
+@pytest.fixture
+def fixtures() -> Iterator[ServeFiles]:
+    """Source servers on demand (Che dashboards, list URLs), shut down at the end."""
+    servers: list[FixtureServer] = []
+
+    def make(files: dict[str, bytes], basic_auth: str = "") -> FixtureServer:
+        s = FixtureServer(files, basic_auth)
+        servers.append(s)
+        return s
+
+    yield make
+    for s in servers:
+        s.close()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import tarfile
+from pathlib import Path
+
 from agent.archive import layout
 from agent.containerd import Containerd
 from agent.containerd.client import LEASE_PREFIX
 from agent.importer import GC_SNAPSHOT, PINNED_LABEL
+from agent.testing.processes import DaemonProcess, Record
 
 
 def cri_by_tag(client: Containerd) -> dict[str, str]:
@@ -38,3 +42,18 @@ def assert_pinned(client: Containerd, name: str) -> None:
     record = client.get_image(name)
     assert record is not None, f"no image record {name}"
     assert record.labels.get(PINNED_LABEL) == "pinned"
+
+
+def record(d: DaemonProcess, path: Path) -> Record:
+    """The daemon's record of ``path``; fails the test if it has none."""
+    rec = d.record(path)
+    assert rec is not None, f"the daemon has no record of {path}"
+    return rec
+
+
+def read_member(tar: tarfile.TarFile, member: str | tarfile.TarInfo) -> bytes:
+    """The content of one regular file in ``tar``; fails the test on anything else."""
+    f = tar.extractfile(member)
+    assert f is not None, f"{member} is not a regular file"
+    with f:
+        return f.read()

@@ -16,7 +16,8 @@ from agent.archive import layout
 from agent.containerd import Containerd
 from agent.image.platforms import Platform
 from agent.testing import samples
-from tests.helpers import assert_nothing_imported, cri_by_tag
+from tests.conftest import RunCli, StartDaemon
+from tests.helpers import assert_nothing_imported, cri_by_tag, read_member
 
 
 def _good(node: Platform, size: int = 0) -> bytes:
@@ -26,7 +27,7 @@ def _good(node: Platform, size: int = 0) -> bytes:
 
 def _entries(archive: bytes) -> list[tuple[str, bytes]]:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+        return [(m.name, read_member(tar, m)) for m in tar.getmembers()]
 
 
 def _tamper_largest_blob(archive: bytes) -> bytes:
@@ -131,26 +132,30 @@ def _deep_config(node: Platform) -> bytes:
         if data.startswith(b"{") and isinstance(json.loads(data).get("layers"), list):
             doc = json.loads(data)
             doc["config"] = {"mediaType": layout.OCI_CONFIG, "digest": c, "size": len(config)}
-            data = layout.dump_json(doc)
-            m = layout.sha256(data)
-            name = f"blobs/sha256/{m[7:]}"
+            manifest = layout.dump_json(doc)
+            m = layout.sha256(manifest)
             index = {
                 "schemaVersion": 2,
                 "manifests": [
                     {
                         "mediaType": layout.OCI_MANIFEST,
                         "digest": m,
-                        "size": len(data),
+                        "size": len(manifest),
                         "annotations": {layout.ANNOTATION_IMAGE_NAME: "deep:1"},
                     }
                 ],
             }
             out.append(("index.json", layout.dump_json(index)))
-        elif name == "index.json":
-            continue
-        out.append((name, data))
+            out.append((f"blobs/sha256/{m[7:]}", manifest))
+        elif name != "index.json":
+            out.append((name, data))
     out.append((f"blobs/sha256/{c[7:]}", config))
     return samples.archive_bytes(out)
+
+
+def _flip_bytes(data: bytes, start: int, end: int) -> bytes:
+    """``data`` with every byte in [start, end) XOR-ed: damage inside a compressed stream."""
+    return data[:start] + bytes(b ^ 0x5A for b in data[start:end]) + data[end:]
 
 
 def _many_entries_manifest(node: Platform) -> bytes:
@@ -227,9 +232,7 @@ CASES: dict[str, tuple[Callable[[Platform], bytes], str]] = {
         "truncated",
     ),
     "corrupt-gzip": (
-        lambda n: (lambda d: d[:200] + bytes(b ^ 0x5A for b in d[200:400]) + d[400:])(
-            samples.compress(_good(n, 50_000), "gzip")
-        ),
+        lambda n: _flip_bytes(samples.compress(_good(n, 50_000), "gzip"), 200, 400),
         "corrupt gzip data",
     ),
     "not-a-tar": (lambda n: b"this is a text file, not an archive\n" * 40, "not a tar archive"),
@@ -267,7 +270,7 @@ CASES: dict[str, tuple[Callable[[Platform], bytes], str]] = {
         "leaves the archive",
     ),
     "diff-id-mismatch": (
-        lambda n: _lying_config(n),
+        lambda n: _lying_config(n),  # noqa: PLW0108 - defined further down
         "unpacks to",
     ),
 }
@@ -303,7 +306,7 @@ def _lying_config(node: Platform) -> bytes:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_archive_gives_one_clear_line_and_leaves_nothing(
-    case: str, cli, client: Containerd, node: Platform, tmp_path: Path
+    case: str, cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """Each kind of bad archive: exit 1, one line naming file and reason, no traceback, nothing imported."""
     make, reason = CASES[case]
@@ -323,7 +326,7 @@ def test_bad_archive_gives_one_clear_line_and_leaves_nothing(
 
 
 def test_one_bad_file_does_not_stop_the_others(
-    cli, client: Containerd, node: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """import with several files imports the good ones and exits 1 for the bad one."""
     bad = tmp_path / "bad.tar"
@@ -336,14 +339,14 @@ def test_one_bad_file_does_not_stop_the_others(
     assert "docker.io/library/good:1" in cri_by_tag(client)
 
 
-def test_missing_file(cli, tmp_path: Path) -> None:
+def test_missing_file(cli: RunCli, tmp_path: Path) -> None:
     """A path that does not exist is reported by name."""
     result = cli("import", str(tmp_path / "nope.tar"))
     assert result.code == 1
     assert "nope.tar" in result.err and "No such file" in result.err
 
 
-def test_containerd_unreachable(cli, tmp_path: Path) -> None:
+def test_containerd_unreachable(cli: RunCli, tmp_path: Path) -> None:
     """No containerd at the address: a clear message and exit 3, not a traceback."""
     archive = tmp_path / "a.tar"
     archive.write_bytes(b"x")
@@ -354,7 +357,7 @@ def test_containerd_unreachable(cli, tmp_path: Path) -> None:
 
 
 def test_memory_budget_decides_the_zstd_window(
-    cli, client: Containerd, node: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """A --long=27 archive fails with the window and the setting named under a 112Mi budget, and imports under the default."""
     path = tmp_path / "long27.tar.zst"
@@ -373,7 +376,7 @@ def test_memory_budget_decides_the_zstd_window(
     assert "docker.io/library/good:1" in cri_by_tag(client)
 
 
-def test_member_count_bound(cli, client: Containerd, tmp_path: Path) -> None:
+def test_member_count_bound(cli: RunCli, client: Containerd, tmp_path: Path) -> None:
     """An archive with more tar headers than --max-archive-members is refused at the first one over."""
     path = tmp_path / "many.tar"
     path.write_bytes(samples.archive_bytes([(f"f{i}", b"") for i in range(50)]))
@@ -383,7 +386,7 @@ def test_member_count_bound(cli, client: Containerd, tmp_path: Path) -> None:
     assert_nothing_imported(client)
 
 
-def test_memory_budget_too_small_is_a_usage_error(cli, tmp_path: Path) -> None:
+def test_memory_budget_too_small_is_a_usage_error(cli: RunCli, tmp_path: Path) -> None:
     """A budget that leaves no room for any window is refused as usage, before any archive is read."""
     result = cli("import", "--memory-budget", "64Mi", str(tmp_path / "x.tar"))
     assert result.code == 2, result
@@ -391,7 +394,7 @@ def test_memory_budget_too_small_is_a_usage_error(cli, tmp_path: Path) -> None:
 
 
 def test_daemon_marks_a_long31_archive_failed_once(
-    daemon, client: Containerd, node: Platform
+    daemon: StartDaemon, client: Containerd, node: Platform
 ) -> None:
     """The daemon fails a --long=31 archive with the window named, tries it once, and goes on with the next archive."""
     d = daemon()
@@ -413,7 +416,7 @@ def test_daemon_marks_a_long31_archive_failed_once(
     "case", ["pax-bomb", "deep-index-json", "deep-config", "zstd-long31", "repeated-layer"]
 )
 def test_verify_refuses_hostile_archives_in_one_line(
-    case: str, cli, node: Platform, tmp_path: Path
+    case: str, cli: RunCli, node: Platform, tmp_path: Path
 ) -> None:
     """verify gives the same one-line reason as import for the hostile archives, in seconds
     rather than hours (the generous deadline only catches a hang on a busy machine), no traceback."""
@@ -488,7 +491,7 @@ def test_index_fan_out_is_bounded(node: Platform, tmp_path: Path) -> None:
 
 
 def test_docker_archive_layer_total_is_bounded(
-    cli, client: Containerd, node: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """A docker archive over --max-layer-entries in all is refused in one line naming the flag;
     at the limit it imports (each layer counted once)."""

@@ -14,8 +14,9 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 import zstandard
@@ -30,8 +31,8 @@ from agent.pull import auth
 from agent.testing import samples
 from agent.testing.processes import Registry, free_port, wait_for
 from agent.testing.sandbox import PrivateContainerd
-from tests.conftest import ROOT
-from tests.helpers import assert_unpacked, cri_by_tag
+from tests.conftest import ROOT, RunCli, StartRegistry
+from tests.helpers import assert_unpacked, cri_by_tag, read_member
 
 BASE = samples.Layer({"etc/os-release": b"ID=base\n", "lib/libc": os.urandom(200_000)}, "gzip")
 
@@ -78,12 +79,13 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         cwd=cwd,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         timeout=300,
+        check=False,
     )
 
 
 def members(path: Path) -> list[str]:
     with (
-        open(path, "rb") as f,
+        path.open("rb") as f,
         zstandard.ZstdDecompressor().stream_reader(f) as z,
         tarfile.open(fileobj=z, mode="r|") as tar,
     ):
@@ -103,10 +105,10 @@ def configs_by_name(client: Containerd) -> dict[str, str]:
 
 
 def test_bundle_round_trip_matches_ctr(
-    registry,
+    registry: StartRegistry,
     ctd: PrivateContainerd,
     client: Containerd,
-    cli,
+    cli: RunCli,
     node: Platform,
     other_platform: Platform,
     tmp_path: Path,
@@ -135,9 +137,13 @@ def test_bundle_round_trip_matches_ctr(
     result = cli("import", str(out))
     assert result.code == 0, result.err
     # ctr 1.6 reads plain tar: decompress on the way, as operators do.
+    with out.open("rb") as packed:
+        plain = subprocess.run(
+            ["zstd", "-dc"], stdin=packed, check=True, capture_output=True
+        ).stdout
     subprocess.run(
-        f"zstd -dc {out} | ctr -a {ctd.address} -n ctr images import -",
-        shell=True,
+        ["ctr", "-a", ctd.address, "-n", "ctr", "images", "import", "-"],
+        input=plain,
         check=True,
         capture_output=True,
     )
@@ -153,7 +159,7 @@ def test_bundle_round_trip_matches_ctr(
 
 
 def test_platform_selection_and_default_name(
-    registry, node: Platform, other_platform: Platform, tmp_path: Path
+    registry: StartRegistry, node: Platform, other_platform: Platform, tmp_path: Path
 ) -> None:
     """--platform picks another platform's blobs only, and the default file name carries the platform."""
     reg = registry()
@@ -170,7 +176,7 @@ def test_platform_selection_and_default_name(
 
 
 def test_bundle_from_registry_with_auth(
-    registry, node: Platform, other_platform: Platform, tmp_path: Path
+    registry: StartRegistry, node: Platform, other_platform: Platform, tmp_path: Path
 ) -> None:
     """--auth-file credentials reach a registry behind htpasswd; without them the bundle fails cleanly."""
     reg = registry("agent", "pw-123")
@@ -192,7 +198,9 @@ def test_bundle_from_registry_with_auth(
     assert run("verify", str(out)).returncode == 0
 
 
-def test_missing_blob_fails_cleanly(registry, node: Platform, tmp_path: Path) -> None:
+def test_missing_blob_fails_cleanly(
+    registry: StartRegistry, node: Platform, tmp_path: Path
+) -> None:
     """A blob the registry cannot serve stops the bundle with a clear error and no partial file."""
     reg = registry()
     image = samples.simple_image("gone/x:1", {"x": os.urandom(100_000)}, node, "gzip")
@@ -224,7 +232,7 @@ def test_verify_reports_corruption(node: Platform, tmp_path: Path) -> None:
     assert str(path) in result.stderr and "does not match" in result.stderr
 
 
-def test_broken_download_resumes(registry, node: Platform, tmp_path: Path) -> None:
+def test_broken_download_resumes(registry: StartRegistry, node: Platform, tmp_path: Path) -> None:
     """A connection dropped mid-layer is resumed with an HTTP range; the bundle comes out whole."""
     from agent.testing.proxy import Proxy
 
@@ -339,13 +347,15 @@ class TokenServer:
 
 
 @pytest.fixture
-def token_registry(tmp_path: Path) -> Iterator[tuple[str, TokenServer]]:
+def token_registry(tmp_path: Path) -> Iterator[Callable[[], tuple[str, TokenServer]]]:
     """docker-registry with token auth (auth: token) in front of our token server; an image pushed."""
-    holder: dict[str, TokenServer] = {}
+    servers: list[TokenServer] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[BinaryIO] = []
 
     def start() -> tuple[str, TokenServer]:
         tokens = TokenServer(tmp_path / "tokens")
-        holder["t"] = tokens
+        servers.append(tokens)
         port = free_port()
         host = f"127.0.0.1:{port}"
         base = tmp_path / "treg"
@@ -356,31 +366,35 @@ def token_registry(tmp_path: Path) -> Iterator[tuple[str, TokenServer]]:
             f"auth:\n  token:\n    realm: {tokens.realm}\n    service: image-agent-test\n"
             f"    issuer: image-agent-test-issuer\n    rootcertbundle: {tokens.cert}\n"
         )
-        log = open(base / "registry.log", "ab")
-        proc = subprocess.Popen(
-            ["docker-registry", "serve", str(base / "config.yml")], stdout=log, stderr=log
+        log = (base / "registry.log").open("ab")
+        logs.append(log)
+        procs.append(
+            subprocess.Popen(
+                ["docker-registry", "serve", str(base / "config.yml")], stdout=log, stderr=log
+            )
         )
-        holder["proc"] = proc  # type: ignore[assignment]
 
         def up() -> bool:
             try:
-                urllib.request.urlopen(f"http://{host}/v2/", timeout=1)
-            except urllib.error.HTTPError:
+                with urllib.request.urlopen(f"http://{host}/v2/", timeout=1):
+                    return True
+            except urllib.error.HTTPError as err:
+                err.close()
                 return True
             except OSError:
                 return False
-            return True
 
         wait_for(up, 60, "token registry")
         return host, tokens
 
-    yield start  # type: ignore[misc]
-    proc = holder.get("proc")
-    if proc is not None:
-        proc.terminate()  # type: ignore[attr-defined]
-        proc.wait(10)  # type: ignore[attr-defined]
-    if "t" in holder:
-        holder["t"].stop()
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(10)
+    for log in logs:
+        log.close()
+    for tokens in servers:
+        tokens.stop()
 
 
 def _push_with_token(host: str, node: Platform, tmp_path: Path) -> None:
@@ -389,12 +403,14 @@ def _push_with_token(host: str, node: Platform, tmp_path: Path) -> None:
     result = subprocess.run(
         ["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-creds", "u:p",
          f"oci-archive:{src}", f"docker://{host}/tok/x:1"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
 
 
-def test_expired_token_is_renewed_on_401(token_registry, node: Platform, tmp_path: Path) -> None:
+def test_expired_token_is_renewed_on_401(
+    token_registry: Callable[[], tuple[str, TokenServer]], node: Platform, tmp_path: Path
+) -> None:
     """A token the registry refuses as expired (401) is fetched again once, and the request succeeds."""
     host, tokens = token_registry()
     _push_with_token(host, node, tmp_path)
@@ -410,7 +426,7 @@ def test_expired_token_is_renewed_on_401(token_registry, node: Platform, tmp_pat
 
 
 def test_token_renewed_when_its_lifetime_ends(
-    token_registry, node: Platform, tmp_path: Path
+    token_registry: Callable[[], tuple[str, TokenServer]], node: Platform, tmp_path: Path
 ) -> None:
     """A token is fetched again once the expires_in its server stated has passed, before any 401."""
     host, tokens = token_registry()
@@ -476,7 +492,7 @@ def test_no_credentials_over_plain_http_to_other_hosts(challenge: str) -> None:
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             seen.append(self.headers.get("Authorization", ""))
-            port = self.server.server_address[1]
+            port = self.server.server_address[1]  # type: ignore[index]  # an AF_INET server: (host, port)
             value = (
                 'Basic realm="x"'
                 if challenge == "basic"
@@ -546,7 +562,9 @@ class _PaddingProxy:
         self.httpd.server_close()
 
 
-def test_registry_extra_bytes_fail_the_bundle(registry, node: Platform, tmp_path: Path) -> None:
+def test_registry_extra_bytes_fail_the_bundle(
+    registry: StartRegistry, node: Platform, tmp_path: Path
+) -> None:
     """A registry that sends bytes past a layer's declared size fails the bundle; no archive is left."""
     reg = registry()
     image = samples.simple_image("pad/x:1", {"x": os.urandom(100_000)}, node, "gzip")
@@ -575,7 +593,7 @@ def test_registry_extra_bytes_fail_the_bundle(registry, node: Platform, tmp_path
 def _with_duplicate(archive: bytes, *, same: bool) -> tuple[bytes, str]:
     """The archive with its largest blob appended again: the same bytes, or different ones of the same size."""
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        entries = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+        entries = [(m.name, read_member(tar, m)) for m in tar.getmembers()]
     name, data = max(entries, key=lambda e: len(e[1]))
     copy = data if same else data[:-1] + bytes([data[-1] ^ 0xFF])
     return samples.archive_bytes([*entries, (name, copy)]), name
@@ -606,7 +624,7 @@ def test_verify_refuses_blob_names_that_are_not_digests(
     """Every file under blobs/ must be named <algorithm>/<hex> of a supported digest."""
     good = samples.oci_archive([samples.simple_image("n:1", {"f": b"x"}, node)])
     with tarfile.open(fileobj=io.BytesIO(good)) as tar:
-        entries = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]  # type: ignore[union-attr]
+        entries = [(m.name, read_member(tar, m)) for m in tar.getmembers()]
     path = tmp_path / "names.tar"
     path.write_bytes(samples.archive_bytes([*entries, (name, b"whatever")]))
     result = run("verify", str(path))
@@ -764,7 +782,7 @@ def test_bundle_plan_over_the_import_limits_is_refused(
 
 
 def test_bundle_over_the_import_limits_writes_nothing(
-    registry, node: Platform, tmp_path: Path
+    registry: StartRegistry, node: Platform, tmp_path: Path
 ) -> None:
     """bundle of two images under --max-archive-images 1 stops before writing, in one line;
     the same flag on bundle and import lets a site raise its limits on both."""

@@ -15,8 +15,8 @@ from agent.importer import Importer, ImportOptions
 from agent.testing import samples
 from agent.testing.processes import wait_for
 from agent.testing.sandbox import PrivateContainerd
-from tests.conftest import ctr
-from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked
+from tests.conftest import RunCli, ctr
+from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked, read_member
 
 pytestmark = pytest.mark.containerd
 
@@ -51,16 +51,21 @@ def _expected_chains(path: Path) -> set[str]:
     """Every ChainID the archive's images stack up to, from its configs."""
     chains: set[str] = set()
     with tarfile.open(path) as tar:
-        manifest = json.loads(tar.extractfile("manifest.json").read())  # type: ignore[union-attr]
+        manifest = json.loads(read_member(tar, "manifest.json"))
         for entry in manifest:
-            config = layout.parse_config(tar.extractfile(entry["Config"]).read(), "c")  # type: ignore[union-attr]
+            config = layout.parse_config(read_member(tar, entry["Config"]), "c")
             chains.update(layout.chain_ids(config.diff_ids))
     return chains
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["digest-names", "legacy-names"])
 def test_bundle_imports_like_ctr_at_any_concurrency(
-    ctd: PrivateContainerd, client: Containerd, cli, node: Platform, tmp_path: Path, legacy: bool
+    ctd: PrivateContainerd,
+    client: Containerd,
+    cli: RunCli,
+    node: Platform,
+    tmp_path: Path,
+    legacy: bool,
 ) -> None:
     """A many-image docker archive with shared and unshared bases gives ctr's names and digests,
     unpacked and pinned, whether layers are applied one at a time or several at once."""
@@ -130,7 +135,7 @@ def _archive_with_bad_chain(node: Platform) -> bytes:
 def test_a_failing_chain_leaves_no_image_and_no_lease(
     ctd: PrivateContainerd,
     client: Containerd,
-    cli,
+    cli: RunCli,
     node: Platform,
     tmp_path: Path,
     concurrency: str,

@@ -2,174 +2,31 @@
 
 from __future__ import annotations
 
-import base64
+import http.client
 import json
 import os
-import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from agent.containerd import Containerd
 from agent.image.platforms import Platform
 from agent.testing import samples
-from agent.testing.processes import wait_for
-from tests.conftest import ROOT
+from agent.testing.processes import DaemonProcess, wait_for
+from agent.testing.sandbox import PrivateContainerd
+from tests.conftest import ROOT, ServeFiles, StartCluster, StartDaemon, StartRegistry
 
 
-class FixtureServer:
-    """Serves Che-shaped JSON/YAML (and lists) from a dict; paths can be made to fail."""
-
-    def __init__(self, files: dict[str, bytes], basic_auth: str = "", trickle: int = 0) -> None:
-        """``trickle``: send bodies in pieces of this many bytes, paced, as a slow link would."""
-        self.files = files
-        self.failing: set[str] = set()
-        outer = self
-        wanted = "Basic " + base64.b64encode(basic_auth.encode()).decode() if basic_auth else ""
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if wanted and self.headers.get("Authorization") != wanted:
-                    self.send_response(401)
-                    self.end_headers()
-                    return
-                if self.path in outer.failing or self.path not in outer.files:
-                    self.send_response(500 if self.path in outer.failing else 404)
-                    self.end_headers()
-                    return
-                body = outer.files[self.path]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                step = trickle or len(body) or 1
-                for at in range(0, len(body), step):
-                    self.wfile.write(body[at : at + step])
-                    self.wfile.flush()
-                    if trickle:
-                        time.sleep(0.002)  # pacing, as a slow link would
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-
-
-class ClusterProcess:
-    def __init__(self, tmp: Path, *args: str, scheme: str = "http", cafile: str = "") -> None:
-        self.context = ssl.create_default_context(cafile=cafile) if cafile else None
-        self.log = Path(tempfile.mkstemp(prefix="cluster-", suffix=".log", dir=tmp)[1])
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "agent",
-                    "cluster",
-                    "serve",
-                    "--listen",
-                    "127.0.0.1:0",  # binds a free port and logs it
-                    *args,
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=ROOT,
-            )
-        serving = wait_for(self._serving, 120, "the cluster server to log its port")
-        self.port = int(serving["listen"].rpartition(":")[2])
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        wait_for(self._up, 120, "the cluster server")
-
-    def _serving(self) -> dict | None:  # type: ignore[type-arg]
-        if self.proc.poll() is not None:
-            raise AssertionError(f"cluster server exited: {self.log.read_text()[-2000:]}")
-        for line in self.log.read_text(errors="replace").splitlines():
-            if '"cluster.serving"' in line:
-                try:
-                    return json.loads(line)  # type: ignore[no-any-return]
-                except ValueError:
-                    return None  # half-written: read again
-        return None
-
-    def _up(self) -> bool:
-        try:
-            return bool(
-                urllib.request.urlopen(
-                    self.url + "/healthz", timeout=2, context=self.context
-                ).status
-                == 200
-            )
-        except OSError:
-            return False
-
-    def get(
-        self, path: str, headers: dict[str, str] | None = None, timeout: float = 10
-    ) -> tuple[int, dict[str, str], bytes]:
-        req = urllib.request.Request(self.url + path, headers=headers or {})
-        try:
-            with urllib.request.urlopen(req, timeout=timeout, context=self.context) as r:
-                return r.status, dict(r.headers), r.read()
-        except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), err.read()
-
-    def put(self, path: str, body: bytes, token: str = "") -> int:
-        req = urllib.request.Request(self.url + path, data=body, method="PUT")
-        if token:
-            req.add_header("Authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(req, timeout=10) as r:
-                return int(r.status)
-        except urllib.error.HTTPError as err:
-            return int(err.code)
-
-    def listing(self) -> dict:  # type: ignore[type-arg]
-        return json.loads(self.get("/v1/list")[2])  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
-    started: list[ClusterProcess] = []
-
-    def make(*args: str, **kw: str) -> ClusterProcess:
-        c = ClusterProcess(tmp_path, *args, **kw)
-        started.append(c)
-        return c
-
-    yield make
-    for c in started:
-        c.close()
-
-
-@pytest.fixture
-def fixtures():  # type: ignore[no-untyped-def]
-    servers: list[FixtureServer] = []
-
-    def make(files: dict[str, bytes]) -> FixtureServer:
-        s = FixtureServer(files)
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.close()
-
-
-def test_sources_assembled_with_provenance_and_report(cluster, fixtures, tmp_path: Path) -> None:
+def test_sources_assembled_with_provenance_and_report(
+    cluster: StartCluster, fixtures: ServeFiles, tmp_path: Path
+) -> None:
     """Che editors and samples, a CR, an env file and an IMAGES string become one reported list."""
     che = fixtures(
         {
@@ -236,11 +93,12 @@ def test_sources_assembled_with_provenance_and_report(cluster, fixtures, tmp_pat
         capture_output=True,
         text=True,
         cwd=ROOT,
+        check=False,
     ).stdout
     assert "warning:" in text and "invalid:" in text
 
 
-def test_etag_304_and_long_poll(cluster, tmp_path: Path) -> None:
+def test_etag_304_and_long_poll(cluster: StartCluster, tmp_path: Path) -> None:
     """A node's list has a strong ETag; 304 while it holds; a long poll returns as soon as it changes."""
     lst = tmp_path / "list.txt"
     lst.write_text("alpine:3.19\n")
@@ -250,27 +108,26 @@ def test_etag_304_and_long_poll(cluster, tmp_path: Path) -> None:
     tag = headers["ETag"]
     assert tag.startswith('"') and not tag.startswith("W/")
     assert c.get("/v1/images?node=n1", {"If-None-Match": tag})[0] == 304
-    result: dict[str, object] = {}
+    responses: list[tuple[int, dict[str, str], bytes]] = []
+    seconds: list[float] = []
 
     def poll() -> None:
         start = time.monotonic()
-        result["response"] = c.get(
-            "/v1/images?node=n1&wait=20s", {"If-None-Match": tag}, timeout=30
-        )
-        result["seconds"] = time.monotonic() - start
+        responses.append(c.get("/v1/images?node=n1&wait=20s", {"If-None-Match": tag}, timeout=30))
+        seconds.append(time.monotonic() - start)
 
     t = threading.Thread(target=poll)
     t.start()
     lst.write_text("alpine:3.19\nbusybox:1.36\n")
     t.join(30)
-    status, headers, body = result["response"]  # type: ignore[misc]
+    (status, headers, body), (waited,) = responses[0], seconds
     assert status == 200 and b"busybox" in body and headers["ETag"] != tag
-    assert result["seconds"] < 15  # returned on the change, not at the end of the wait
+    assert waited < 15  # returned on the change, not at the end of the wait
     as_json = json.loads(c.get("/v1/images?node=n1", {"Accept": "application/json"})[2])
     assert as_json["images"] == ["docker.io/library/alpine:3.19", "docker.io/library/busybox:1.36"]
 
 
-def test_broken_source_keeps_last_list(cluster, fixtures) -> None:
+def test_broken_source_keeps_last_list(cluster: StartCluster, fixtures: ServeFiles) -> None:
     """A source URL that starts failing keeps its last good images; the failure is reported."""
     src = fixtures({"/external_images.txt": b"quay.io/a/b:1\n"})
     c = cluster("--source-list", src.url + "/external_images.txt", "--source-interval", "1")
@@ -286,7 +143,7 @@ def test_broken_source_keeps_last_list(cluster, fixtures) -> None:
     assert 'image_agent_cluster_source_ok{source="list:' in metrics and "} 0.0" in metrics
 
 
-def test_auth_and_bad_bodies(cluster, tmp_path: Path) -> None:
+def test_auth_and_bad_bodies(cluster: StartCluster, tmp_path: Path) -> None:
     """Writes need the bearer token; malformed or oversized reports get 400/413 and change nothing."""
     token = tmp_path / "token"
     token.write_text("s3cret\n")
@@ -312,7 +169,11 @@ def test_auth_and_bad_bodies(cluster, tmp_path: Path) -> None:
 
 
 def test_agents_converge_and_show_in_cluster_status(
-    cluster, daemon, registry, node: Platform, tmp_path: Path
+    cluster: StartCluster,
+    daemon: StartDaemon,
+    registry: StartRegistry,
+    node: Platform,
+    tmp_path: Path,
 ) -> None:
     """Two agents (separate processes) follow the list, pull it, and the cluster view shows both complete."""
     reg = registry()
@@ -342,7 +203,7 @@ def test_agents_converge_and_show_in_cluster_status(
     for a in agents:
         a.start()
 
-    def view() -> dict:  # type: ignore[type-arg]
+    def view() -> dict[str, Any]:
         out = subprocess.run(
             [
                 sys.executable,
@@ -358,8 +219,10 @@ def test_agents_converge_and_show_in_cluster_status(
             capture_output=True,
             text=True,
             cwd=ROOT,
+            check=False,
         )
-        return json.loads(out.stdout)  # type: ignore[no-any-return]
+        status: dict[str, Any] = json.loads(out.stdout)
+        return status
 
     wait_for(lambda: view()["summary"]["complete"] == 2, 90, "both nodes complete")
     assert sorted(view()["images"][ref]["present"]) == ["n1", "n2"]
@@ -368,6 +231,7 @@ def test_agents_converge_and_show_in_cluster_status(
         capture_output=True,
         text=True,
         cwd=ROOT,
+        check=False,
     ).stdout
     assert "2/2 nodes complete" in table
     for a in agents:
@@ -375,7 +239,7 @@ def test_agents_converge_and_show_in_cluster_status(
         assert cached["images"] == [ref]
 
 
-def test_tls(cluster, tmp_path: Path) -> None:
+def test_tls(cluster: StartCluster, tmp_path: Path) -> None:
     """With --tls-cert/--tls-key the API is served over HTTPS only."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
@@ -411,12 +275,19 @@ def test_tls(cluster, tmp_path: Path) -> None:
         cafile=str(cert),
     )
     assert c.get("/v1/images")[2] == b"docker.io/library/alpine:3.19\n"
-    with pytest.raises(OSError):
+    # Refused, reset or answered with an error status: never served in the clear.
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
         urllib.request.urlopen(f"http://127.0.0.1:{c.port}/v1/images", timeout=5)
 
 
 def test_agent_works_from_cached_list_while_cluster_is_down(
-    cluster, daemon, registry, ctd, client, node: Platform, tmp_path: Path
+    cluster: StartCluster,
+    daemon: StartDaemon,
+    registry: StartRegistry,
+    ctd: PrivateContainerd,
+    client: Containerd,
+    node: Platform,
+    tmp_path: Path,
 ) -> None:
     """An agent restarted while the cluster is unreachable pulls from the list it kept."""
     from tests.conftest import ctr
@@ -449,11 +320,13 @@ def test_agent_works_from_cached_list_while_cluster_is_down(
     )
 
 
-def _list_events(agent) -> list[int]:  # type: ignore[no-untyped-def]
+def _list_events(agent: DaemonProcess) -> list[int]:
     return [int(e["images"]) for e in agent.named("cluster.list")]
 
 
-def test_agent_never_takes_a_cut_list(cluster, daemon, tmp_path: Path) -> None:
+def test_agent_never_takes_a_cut_list(
+    cluster: StartCluster, daemon: StartDaemon, tmp_path: Path
+) -> None:
     """A list whose body is cut before Content-Length is an error: not cached, not applied, asked again."""
     from agent.testing.proxy import Proxy
 
@@ -475,7 +348,7 @@ def test_agent_never_takes_a_cut_list(cluster, daemon, tmp_path: Path) -> None:
 
 
 def test_agent_long_polls_through_a_proxy_that_weakens_etags(
-    cluster, daemon, tmp_path: Path
+    cluster: StartCluster, daemon: StartDaemon, tmp_path: Path
 ) -> None:
     """Behind a proxy that rewrites ETags to W/"...", the agent's conditional poll is still held, not answered at once."""
     from agent.testing.proxy import HttpProxy
@@ -500,7 +373,7 @@ def test_agent_long_polls_through_a_proxy_that_weakens_etags(
 
 
 def test_agent_keeps_a_minimum_interval_whatever_the_server_does(
-    cluster, daemon, tmp_path: Path
+    cluster: StartCluster, daemon: StartDaemon, tmp_path: Path
 ) -> None:
     """When every poll is answered at once (conditions dropped on the way), polls are still --cluster-min-poll apart."""
     from agent.testing.proxy import HttpProxy
@@ -521,7 +394,9 @@ def test_agent_keeps_a_minimum_interval_whatever_the_server_does(
         proxy.close()
 
 
-def test_agent_sync_survives_a_failing_cache_write(cluster, daemon, tmp_path: Path) -> None:
+def test_agent_sync_survives_a_failing_cache_write(
+    cluster: StartCluster, daemon: StartDaemon, tmp_path: Path
+) -> None:
     """A cache that cannot be written (here: a directory in its place) is logged once; the sync goes on and recovers."""
     lst = tmp_path / "l.txt"
     lst.write_text("127.0.0.1:1/a/b:1\n")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
+from structlog.typing import EventDict
 
 from agent.cluster import assemble, sources
 from agent.cluster.assemble import Contribution
@@ -250,11 +252,14 @@ def test_ended_task_fails_healthz_and_is_logged_once() -> None:
     from agent.cluster.server import Server
     from agent.cluster.state import State
 
-    async def run() -> tuple[int, str, list[dict]]:  # type: ignore[type-arg]
-        events: list[dict] = []  # type: ignore[type-arg]
-        log = structlog.wrap_logger(
-            structlog.ReturnLogger(), processors=[lambda _l, _m, e: events.append(dict(e)) or e]
-        )
+    async def run() -> tuple[int, str, list[dict[str, Any]]]:
+        events: list[dict[str, Any]] = []
+
+        def keep(_logger: object, _method: str, event: EventDict) -> EventDict:
+            events.append(dict(event))
+            return event
+
+        log = structlog.wrap_logger(structlog.ReturnLogger(), processors=[keep])
         server = Server(State(), Sources([], 60.0), Options(), log)
 
         async def broken() -> None:

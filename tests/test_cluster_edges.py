@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.testing.processes import wait_for
-from tests.conftest import ROOT
-from tests.test_cluster import ClusterProcess, FixtureServer
+from tests.cluster_servers import FixtureServer
+from tests.conftest import ROOT, StartCluster, StartDaemon
 
 BIG = 40_000  # images; their list is well over 1 MB in every form
 
@@ -29,21 +29,7 @@ def big_list() -> list[str]:
     return [f"registry.example.com/team/image-{i:05d}:1" for i in range(BIG)]
 
 
-@pytest.fixture
-def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
-    started: list[ClusterProcess] = []
-
-    def make(*args: str, **kw: str) -> ClusterProcess:
-        c = ClusterProcess(tmp_path, *args, **kw)
-        started.append(c)
-        return c
-
-    yield make
-    for c in started:
-        c.close()
-
-
-def test_url_source_over_a_megabyte_is_read_whole(cluster) -> None:
+def test_url_source_over_a_megabyte_is_read_whole(cluster: StartCluster) -> None:
     """A list URL whose body arrives in many pieces contributes every image, not its first chunk."""
     body = "".join(f"{i}\n" for i in big_list()).encode()
     assert len(body) > 1 << 20
@@ -58,7 +44,9 @@ def test_url_source_over_a_megabyte_is_read_whole(cluster) -> None:
         src.close()
 
 
-def test_agent_client_and_cli_read_lists_over_a_megabyte(cluster, tmp_path: Path) -> None:
+def test_agent_client_and_cli_read_lists_over_a_megabyte(
+    cluster: StartCluster, tmp_path: Path
+) -> None:
     """The agent's client and `cluster images`/`status` take answers of several MB whole."""
     from agent.cluster.sync import ClusterClient
 
@@ -80,6 +68,7 @@ def test_agent_client_and_cli_read_lists_over_a_megabyte(cluster, tmp_path: Path
             text=True,
             cwd=ROOT,
             timeout=120,
+            check=False,
         )
         assert proc.returncode == 0, (command, proc.stderr[-500:])
         assert len(proc.stdout) > 1 << 20
@@ -103,8 +92,8 @@ class Answers503:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
-            do_GET = _refuse
-            do_PUT = _refuse
+            do_GET = _refuse  # noqa: N815 - the name http.server dispatches GET to
+            do_PUT = _refuse  # noqa: N815 - the name http.server dispatches PUT to
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -115,10 +104,11 @@ class Answers503:
 
     def close(self) -> None:
         self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 @pytest.mark.containerd
-def test_agent_keeps_its_minimum_poll_interval_after_errors(daemon) -> None:
+def test_agent_keeps_its_minimum_poll_interval_after_errors(daemon: StartDaemon) -> None:
     """A cluster answering 503 at once is polled no more often than --cluster-min-poll (backoff starts there)."""
     server = Answers503()
     try:
@@ -141,6 +131,7 @@ def _serve_fails(*args: str, env: dict[str, str] | None = None) -> str:
         cwd=ROOT,
         timeout=60,
         env=env,
+        check=False,
     )
     assert proc.returncode == 2, (args, proc.stderr)
     lines = proc.stderr.strip().splitlines()
@@ -229,7 +220,9 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_failed_tls_handshakes_give_their_connection_slots_back(cluster, tmp_path: Path) -> None:
+def test_failed_tls_handshakes_give_their_connection_slots_back(
+    cluster: StartCluster, tmp_path: Path
+) -> None:
     """Plain HTTP sent to the TLS port (a failed handshake each) cannot use up --max-connections for good."""
     cert, key = _self_signed(tmp_path)
     c = cluster(
@@ -259,7 +252,9 @@ def test_failed_tls_handshakes_give_their_connection_slots_back(cluster, tmp_pat
 
 
 @pytest.mark.containerd
-def test_agent_takes_a_list_over_a_megabyte(cluster, daemon, tmp_path: Path) -> None:
+def test_agent_takes_a_list_over_a_megabyte(
+    cluster: StartCluster, daemon: StartDaemon, tmp_path: Path
+) -> None:
     """The agent applies and caches a cluster list of more than 1 MB whole (it was cut at one chunk)."""
     long_path = "p" * 200
     images = [f"127.0.0.1:1/{long_path}/image-{i:04d}:1" for i in range(5_000)]

@@ -13,30 +13,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-
-import pytest
+from typing import Any
 
 from agent.testing.processes import wait_for
-from tests.conftest import ROOT
-from tests.test_cluster import ClusterProcess, FixtureServer
+from tests.cluster_servers import ClusterProcess
+from tests.conftest import ROOT, ServeFiles, StartCluster
 
 REPORT = json.dumps(
     {"pulls": [{"image": "docker.io/library/alpine:3.19", "state": "pulled"}]}
 ).encode()
-
-
-@pytest.fixture
-def cluster(tmp_path: Path):  # type: ignore[no-untyped-def]
-    started: list[ClusterProcess] = []
-
-    def make(*args: str, **kw: str) -> ClusterProcess:
-        c = ClusterProcess(tmp_path, *args, **kw)
-        started.append(c)
-        return c
-
-    yield make
-    for c in started:
-        c.close()
 
 
 def raw(port: int, data: bytes, timeout: float = 10) -> int:
@@ -74,7 +59,7 @@ def closed_count(socks: list[socket.socket]) -> int:
     return closed
 
 
-def put(c: ClusterProcess, name: str, body: bytes, token: str = "") -> tuple[int, dict]:  # type: ignore[type-arg]
+def put(c: ClusterProcess, name: str, body: bytes, token: str = "") -> tuple[int, dict[str, Any]]:
     import urllib.error
     import urllib.request
 
@@ -88,12 +73,13 @@ def put(c: ClusterProcess, name: str, body: bytes, token: str = "") -> tuple[int
         return int(err.code), json.loads(err.read() or b"{}")
 
 
-def view(c: ClusterProcess, token: str = "") -> dict:  # type: ignore[type-arg]
+def view(c: ClusterProcess, token: str = "") -> dict[str, Any]:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return json.loads(c.get("/v1/status", headers)[2])  # type: ignore[no-any-return]
+    status: dict[str, Any] = json.loads(c.get("/v1/status", headers)[2])
+    return status
 
 
-def test_invalid_reports_get_400_naming_the_field(cluster) -> None:
+def test_invalid_reports_get_400_naming_the_field(cluster: StartCluster) -> None:
     """Wrong types, deep nesting and bad node names get 400 with the field; nothing is stored; no 500."""
     c = cluster("--source-images", "alpine:3.19")
     code, doc = put(c, "n1", b'{"archives": 5}')
@@ -118,7 +104,7 @@ def test_invalid_reports_get_400_naming_the_field(cluster) -> None:
     assert 'code="500"' not in metrics
 
 
-def test_large_reports_are_read_whole(cluster) -> None:
+def test_large_reports_are_read_whole(cluster: StartCluster) -> None:
     """A report of 10,000 pulls (several MB, arriving in many TCP segments) is accepted; 5 MiB is 413."""
     c = cluster("--source-images", "alpine:3.19")
     pulls = [
@@ -138,7 +124,7 @@ def test_large_reports_are_read_whole(cluster) -> None:
     wait_for(lambda: len(view(c)["nodes"]) == 2, 20, "both reports in the view")
 
 
-def test_malformed_headers_get_4xx(cluster, tmp_path: Path) -> None:
+def test_malformed_headers_get_4xx(cluster: StartCluster, tmp_path: Path) -> None:
     """Non-ASCII bearer tokens, bad Content-Length and odd If-None-Match get 400/401, never 500."""
     token = tmp_path / "token"
     token.write_text("s3cret")
@@ -175,7 +161,7 @@ def test_malformed_headers_get_4xx(cluster, tmp_path: Path) -> None:
     assert b"Traceback" not in c.log.read_bytes()
 
 
-def test_weak_if_none_match(cluster, tmp_path: Path) -> None:
+def test_weak_if_none_match(cluster: StartCluster, tmp_path: Path) -> None:
     """If-None-Match compares weakly: W/"tag" (as a compressing proxy sends it) gets 304 and holds a long poll."""
     c = cluster("--source-images", "alpine:3.19")
     tag = c.get("/v1/images")[1]["ETag"]
@@ -187,7 +173,7 @@ def test_weak_if_none_match(cluster, tmp_path: Path) -> None:
     assert time.monotonic() - start >= 1.9  # held, not answered at once
 
 
-def test_long_polls_are_capped(cluster) -> None:
+def test_long_polls_are_capped(cluster: StartCluster) -> None:
     """Beyond --max-long-polls, a long poll is answered at once instead of being held."""
     import threading
 
@@ -208,7 +194,7 @@ def test_long_polls_are_capped(cluster) -> None:
     held.join(20)
 
 
-def test_slowloris_cannot_take_the_server_down(cluster, tmp_path: Path) -> None:
+def test_slowloris_cannot_take_the_server_down(cluster: StartCluster, tmp_path: Path) -> None:
     """3,000 half-sent requests: /healthz keeps answering fast (90 % under 0.3 s, none over 2 s), they are closed, the log stays small."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = 4_000
@@ -263,10 +249,11 @@ def test_slowloris_cannot_take_the_server_down(cluster, tmp_path: Path) -> None:
     assert b"Traceback" not in c.log.read_bytes()
 
 
-def test_credentials_in_source_urls_are_redacted(cluster, fixtures) -> None:
+def test_credentials_in_source_urls_are_redacted(
+    cluster: StartCluster, fixtures: ServeFiles
+) -> None:
     """user:pass@ in a source URL is used for the request, but shows neither in logs, /v1/list nor metric labels."""
-    src = FixtureServer({"/list.txt": b"quay.io/a/b:1\n"}, basic_auth="agent:hunter2")
-    fixtures.append(src)
+    src = fixtures({"/list.txt": b"quay.io/a/b:1\n"}, basic_auth="agent:hunter2")
     port = src.url.rpartition(":")[2]
     good = f"http://agent:hunter2@127.0.0.1:{port}/list.txt"
     bad = f"http://agent:hunter2@127.0.0.1:{port}/missing.txt"
@@ -284,15 +271,7 @@ def test_credentials_in_source_urls_are_redacted(cluster, fixtures) -> None:
         assert "agent:" not in text.replace("image-agent", ""), where
 
 
-@pytest.fixture
-def fixtures():  # type: ignore[no-untyped-def]
-    servers: list[FixtureServer] = []
-    yield servers
-    for s in servers:
-        s.close()
-
-
-def test_node_tokens(cluster, tmp_path: Path) -> None:
+def test_node_tokens(cluster: StartCluster, tmp_path: Path) -> None:
     """A node token writes only its own node's report; the shared token reads but, with a node secret, cannot write."""
     secret = tmp_path / "secret"
     secret.write_text(base64.b64encode(os.urandom(32)).decode())
@@ -340,7 +319,7 @@ def test_node_tokens(cluster, tmp_path: Path) -> None:
     wait_for(lambda: list(view(c, "shared-token")["nodes"]) == ["node-1"], 10, "node-1's report")
 
 
-def test_shared_token_writes_without_node_secret(cluster, tmp_path: Path) -> None:
+def test_shared_token_writes_without_node_secret(cluster: StartCluster, tmp_path: Path) -> None:
     """Without a node secret the shared token still writes (compatibility), and the server warns at start."""
     shared = tmp_path / "shared"
     shared.write_text("shared-token")
@@ -350,7 +329,9 @@ def test_shared_token_writes_without_node_secret(cluster, tmp_path: Path) -> Non
     assert '"auth.shared_token_writes"' in c.log.read_text()
 
 
-def test_bad_source_at_refresh_keeps_list_and_refresher(cluster, tmp_path: Path) -> None:
+def test_bad_source_at_refresh_keeps_list_and_refresher(
+    cluster: StartCluster, tmp_path: Path
+) -> None:
     """A resource turned to spec: "x" fails that source (last list kept, /healthz ok); a later fix is picked up."""
     cr = tmp_path / "cr.yaml"
     head = (
@@ -370,7 +351,7 @@ def test_bad_source_at_refresh_keeps_list_and_refresher(cluster, tmp_path: Path)
     assert re.search(r'image_agent_cluster_source_ok\{source="cr:[^"]+"\} 1\.0', metrics)
 
 
-def test_nodes_unseen_leave_the_view(cluster) -> None:
+def test_nodes_unseen_leave_the_view(cluster: StartCluster) -> None:
     """A node that stops reporting is stale after --stale-after and gone after --forget-after."""
     c = cluster("--source-images", "alpine:3.19", "--stale-after", "1", "--forget-after", "8")
     assert put(c, "n1", REPORT)[0] == 204
@@ -405,13 +386,14 @@ def test_invalid_flags_are_one_line_errors(tmp_path: Path) -> None:
             text=True,
             cwd=ROOT,
             timeout=60,
+            check=False,
         )
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("image-agent: "), (args, proc.stderr)
 
 
-def test_serve_reads_environment(cluster, tmp_path: Path) -> None:
+def test_serve_reads_environment(cluster: StartCluster, tmp_path: Path) -> None:
     """cluster serve takes its settings from IMAGE_AGENT_CLUSTER_* like every other command."""
     lst = tmp_path / "l.txt"
     lst.write_text("alpine:3.19\n")
@@ -437,7 +419,7 @@ def test_serve_reads_environment(cluster, tmp_path: Path) -> None:
     ]
 
 
-def test_openapi_served_and_kept_in_the_repository(cluster) -> None:
+def test_openapi_served_and_kept_in_the_repository(cluster: StartCluster) -> None:
     """/v1/openapi.json is the document in agent/cluster/openapi.json, generated from the schema models."""
     from agent.cluster import openapi
 
@@ -451,7 +433,7 @@ def test_openapi_served_and_kept_in_the_repository(cluster) -> None:
 EXAMPLES = 25
 
 
-def test_fuzzed_from_openapi(cluster, tmp_path: Path) -> None:
+def test_fuzzed_from_openapi(cluster: StartCluster, tmp_path: Path) -> None:
     """schemathesis, deterministic, 25 examples per operation: no 5xx, every answer as documented."""
     c = cluster("--source-images", "alpine:3.19;b=busybox:1.36;")
     proc = subprocess.run(
@@ -465,8 +447,10 @@ def test_fuzzed_from_openapi(cluster, tmp_path: Path) -> None:
             "--workers",
             "1",
             "--checks",
-            "not_a_server_error,response_schema_conformance,status_code_conformance,"
-            "content_type_conformance,response_headers_conformance",
+            (
+                "not_a_server_error,response_schema_conformance,status_code_conformance,"
+                "content_type_conformance,response_headers_conformance"
+            ),
             "--report-dir",
             str(tmp_path / "st"),
         ],
@@ -475,6 +459,7 @@ def test_fuzzed_from_openapi(cluster, tmp_path: Path) -> None:
         cwd=tmp_path,
         timeout=900,  # a deadline against a hang only: a busy CI machine may take minutes
         env={**os.environ, "NO_COLOR": "1"},
+        check=False,
     )
     tail = "\n".join(line[:300] for line in proc.stdout.splitlines()[-40:])
     assert proc.returncode == 0, tail
@@ -513,6 +498,7 @@ def test_agent_cluster_flags_are_one_line_errors(tmp_path: Path) -> None:
             text=True,
             cwd=ROOT,
             timeout=60,
+            check=False,
         )
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -12,10 +13,10 @@ from pathlib import Path
 from agent.containerd import Containerd
 from agent.image.platforms import Platform
 from agent.testing import samples
-from agent.testing.processes import wait_for
+from agent.testing.processes import DaemonProcess, wait_for
 from agent.testing.sandbox import PrivateContainerd
-from tests.conftest import ctr
-from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked, cri_by_tag
+from tests.conftest import StartDaemon, ctr
+from tests.helpers import assert_no_leases, assert_pinned, assert_unpacked, cri_by_tag, record
 
 
 def make_archive(
@@ -30,7 +31,9 @@ def make_archive(
     return path
 
 
-def test_file_dropped_while_running_is_imported(daemon, client: Containerd, node: Platform) -> None:
+def test_file_dropped_while_running_is_imported(
+    daemon: StartDaemon, client: Containerd, node: Platform
+) -> None:
     """An archive copied into the watched directory shows up in crictl, unpacked and pinned."""
     d = daemon()
     d.start()
@@ -45,14 +48,16 @@ def test_file_dropped_while_running_is_imported(daemon, client: Containerd, node
     assert d.stop() == 0
 
 
-def test_slow_copy_is_never_imported_early(daemon, client: Containerd, node: Platform) -> None:
+def test_slow_copy_is_never_imported_early(
+    daemon: StartDaemon, client: Containerd, node: Platform
+) -> None:
     """A copy that stalls longer than the settle time, file still open, is not imported until closed."""
     d = daemon()
     d.start()
     data = samples.oci_archive([samples.simple_image("slow:1", {"big": os.urandom(600_000)}, node)])
     path = d.images / "slow.tar"
     release = threading.Event()
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         for i in range(0, len(data), 100_000):
             f.write(data[i : i + 100_000])
             f.flush()
@@ -70,7 +75,7 @@ def test_slow_copy_is_never_imported_early(daemon, client: Containerd, node: Pla
     assert d.named("import.failed") == []
 
 
-def test_imports_in_mtime_order(daemon, node: Platform) -> None:
+def test_imports_in_mtime_order(daemon: StartDaemon, node: Platform) -> None:
     """Pending archives are imported oldest first, whatever their names."""
     d = daemon()
     now = time.time()
@@ -84,7 +89,7 @@ def test_imports_in_mtime_order(daemon, node: Platform) -> None:
     assert done == ["c.tar", "b.tar", "a.tar"]
 
 
-def test_restart_does_not_reimport(daemon, node: Platform) -> None:
+def test_restart_does_not_reimport(daemon: StartDaemon, node: Platform) -> None:
     """After a restart nothing is imported again when nothing changed."""
     d = daemon()
     path = make_archive(d.images / "keep.tar", "keep:1", node)
@@ -94,11 +99,11 @@ def test_restart_does_not_reimport(daemon, node: Platform) -> None:
     d.start()
     # Startup (scan + reconcile) is complete once "watching" is logged.
     assert d.named("import.started") == []
-    assert d.record(path)["attempts"] == 1  # type: ignore[index]
+    assert record(d, path)["attempts"] == 1
 
 
 def test_touch_and_same_size_replacement_reimport(
-    daemon, client: Containerd, node: Platform
+    daemon: StartDaemon, client: Containerd, node: Platform
 ) -> None:
     """A touched archive is imported again; so is a same-size, same-mtime replacement (k3s #14284)."""
     d = daemon()
@@ -119,7 +124,7 @@ def test_touch_and_same_size_replacement_reimport(
 
 
 def test_corrupt_archive_fails_once_without_retry_loop(
-    daemon, client: Containerd, node: Platform
+    daemon: StartDaemon, client: Containerd, node: Platform
 ) -> None:
     """A bad archive is marked failed with a reason and not retried until it changes or `retry` is asked."""
     d = daemon()
@@ -135,10 +140,10 @@ def test_corrupt_archive_fails_once_without_retry_loop(
     wait_for(lambda: d.named("watching"), 5)
     time_limit = time.monotonic() + 1.5
     while time.monotonic() < time_limit:
-        assert d.record(bad)["attempts"] == 1  # type: ignore[index]
+        assert record(d, bad)["attempts"] == 1
     assert len(d.named("import.failed")) == 1
     subprocess.run(
-        [os.sys.executable, "-m", "agent", "retry", "--state-dir", str(d.state), str(bad)],  # type: ignore[attr-defined]
+        [sys.executable, "-m", "agent", "retry", "--state-dir", str(d.state), str(bad)],
         check=True,
         capture_output=True,
     )
@@ -150,7 +155,7 @@ def test_corrupt_archive_fails_once_without_retry_loop(
 
 
 def test_other_platform_and_pull_lists_are_skipped(
-    daemon, node: Platform, other_platform: Platform
+    daemon: StartDaemon, node: Platform, other_platform: Platform
 ) -> None:
     """Archives named for another platform are skipped with a reason; .txt lists are recorded, not imported."""
     d = daemon()
@@ -169,7 +174,9 @@ def test_other_platform_and_pull_lists_are_skipped(
     assert d.record(ignored) is None
 
 
-def drop_big_archive(d, name: str, node: Platform, layers: int = 4, mib: int = 40) -> Path:  # type: ignore[no-untyped-def]
+def drop_big_archive(
+    d: DaemonProcess, name: str, node: Platform, layers: int = 4, mib: int = 40
+) -> Path:
     """Build a docker archive of ``layers`` incompressible layers beside the images dir, then move it in."""
     content = tuple(samples.Layer({f"blob{i}": os.urandom(mib << 20)}) for i in range(layers))
     staging = d.images.parent / "staging.tar"
@@ -177,19 +184,19 @@ def drop_big_archive(d, name: str, node: Platform, layers: int = 4, mib: int = 4
         samples.docker_archive([samples.SampleImage(name, (samples.Variant(node, content),))])
     )
     path = d.images / "big.tar"
-    os.rename(staging, path)
+    staging.rename(path)
     return path
 
 
 def test_kill_9_mid_import_then_restart(
-    daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
+    daemon: StartDaemon, ctd: PrivateContainerd, client: Containerd, node: Platform
 ) -> None:
     """kill -9 during a large import: after restart the import completes, with no stale lease or duplicate."""
     d = daemon()
     d.start()
     drop_big_archive(d, "big:1", node)
     wait_for(lambda: d.named("import.started"), 90, "the import to start")
-    wait_for(lambda: client.leases(), 90, "the import's lease")
+    wait_for(client.leases, 90, "the import's lease")
     d.kill()
     d.start()
     rec = d.wait_state(d.images / "big.tar", "imported", timeout=120)
@@ -200,17 +207,19 @@ def test_kill_9_mid_import_then_restart(
 
 
 def test_containerd_restart_mid_import_is_retried(
-    daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
+    daemon: StartDaemon, ctd: PrivateContainerd, client: Containerd, node: Platform
 ) -> None:
     """containerd going away mid-import defers the archive (not failed) and it completes once containerd is back."""
     d = daemon()
     d.start()
     drop_big_archive(d, "cr:1", node)
-    wait_for(lambda: client.leases(), 90, "the import's lease")
+    wait_for(client.leases, 90, "the import's lease")
     ctd.kill()
     # Deferred, not failed: the record goes back to pending (between retries while it is down).
     wait_for(
-        lambda: d.named("import.deferred") and d.record(d.images / "big.tar")["state"] == "pending",  # type: ignore[index]
+        lambda: (
+            d.named("import.deferred") and record(d, d.images / "big.tar")["state"] == "pending"
+        ),
         60,
         "the import to be deferred",
     )
@@ -222,7 +231,7 @@ def test_containerd_restart_mid_import_is_retried(
 
 
 def test_reconcile_after_images_removed_and_unpinned(
-    daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
+    daemon: StartDaemon, ctd: PrivateContainerd, client: Containerd, node: Platform
 ) -> None:
     """Images removed behind the daemon's back are imported again at start; lost pins are restored."""
     d = daemon()
@@ -243,7 +252,7 @@ def test_reconcile_after_images_removed_and_unpinned(
     assert d.named("image.repinned")
 
 
-def test_sigterm_exits_zero_quickly(daemon, node: Platform) -> None:
+def test_sigterm_exits_zero_quickly(daemon: StartDaemon, node: Platform) -> None:
     """SIGTERM during an import ends the daemon with exit 0 within 10 s and releases the lease."""
     d = daemon()
     d.start()
@@ -254,10 +263,10 @@ def test_sigterm_exits_zero_quickly(daemon, node: Platform) -> None:
     assert time.monotonic() - start < 10
     with Containerd(d.ctd.address) as c:
         assert_no_leases(c)
-    assert d.record(big)["state"] == "pending"  # type: ignore[index]
+    assert record(d, big)["state"] == "pending"
 
 
-def test_metrics_and_healthz(daemon, node: Platform) -> None:
+def test_metrics_and_healthz(daemon: StartDaemon, node: Platform) -> None:
     """/healthz answers ok and /metrics counts imported archives and bytes."""
     d = daemon()
     d.start()
@@ -272,7 +281,9 @@ def test_metrics_and_healthz(daemon, node: Platform) -> None:
     assert "image_agent_last_success_timestamp_seconds" in text
 
 
-def test_insufficient_space_waits_then_imports(daemon, tmp_path: Path, node: Platform) -> None:
+def test_insufficient_space_waits_then_imports(
+    daemon: StartDaemon, tmp_path: Path, node: Platform
+) -> None:
     """Not enough room where containerd stores content: pending with a reason, imported once space frees."""
     small = tmp_path / "small-root"
     small.mkdir()
@@ -286,14 +297,14 @@ def test_insufficient_space_waits_then_imports(daemon, tmp_path: Path, node: Pla
             90,
             "the space check",
         )
-        assert d.record(path)["state"] == "pending"  # type: ignore[index]
+        assert record(d, path)["state"] == "pending"
         subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
         d.wait_state(path, "imported", timeout=90)
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
 
 
-def test_delete_after_import(daemon, client: Containerd, node: Platform) -> None:
+def test_delete_after_import(daemon: StartDaemon, client: Containerd, node: Platform) -> None:
     """--delete-after-import removes the archive once its images are in containerd."""
     d = daemon("--delete-after-import", "true")
     d.start()
@@ -304,7 +315,7 @@ def test_delete_after_import(daemon, client: Containerd, node: Platform) -> None
 
 
 def test_removed_archive_loses_its_record_but_images_stay(
-    daemon, client: Containerd, node: Platform
+    daemon: StartDaemon, client: Containerd, node: Platform
 ) -> None:
     """Deleting an imported archive forgets it; its images stay in containerd, still pinned."""
     d = daemon()
@@ -318,7 +329,7 @@ def test_removed_archive_loses_its_record_but_images_stay(
 
 
 def test_containerd_down_at_start_then_up(
-    daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
+    daemon: StartDaemon, ctd: PrivateContainerd, client: Containerd, node: Platform
 ) -> None:
     """Started before containerd, the daemon waits (no failures) and imports once containerd is up."""
     d = daemon()
@@ -375,7 +386,7 @@ def test_systemd_notify_ready_and_watchdog(ctd: PrivateContainerd, tmp_path: Pat
         sock.close()
 
 
-def test_healthz_follows_containerd_while_idle(daemon, ctd: PrivateContainerd) -> None:
+def test_healthz_follows_containerd_while_idle(daemon: StartDaemon, ctd: PrivateContainerd) -> None:
     """An idle daemon notices containerd going away (503, status unhealthy) and coming back."""
     import urllib.error
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,8 +61,10 @@ def test_platform_named_archives() -> None:
     assert (
         skipped is not None and skipped.state is State.SKIPPED and "linux/arm64" in skipped.reason
     )
-    assert plan.observe(None, obs(named=Platform("linux", "amd64")), AMD64).state is State.PENDING  # type: ignore[union-attr]
-    assert plan.observe(None, obs(named=Platform("linux", "arm64")), None).state is State.PENDING  # type: ignore[union-attr]
+    matching = plan.observe(None, obs(named=Platform("linux", "amd64")), AMD64)
+    assert matching is not None and matching.state is State.PENDING
+    unfiltered = plan.observe(None, obs(named=Platform("linux", "arm64")), None)
+    assert unfiltered is not None and unfiltered.state is State.PENDING
 
 
 def test_same_size_replacement_detected_by_fingerprint() -> None:
@@ -152,9 +154,9 @@ def test_open_for_writing_sees_a_copy_in_progress(tmp_path: Path) -> None:
     path = tmp_path / "f.tar"
     path.write_bytes(b"x")
     assert not files.open_for_writing(path)
-    with open(path, "ab"):
+    with path.open("ab"):
         assert files.open_for_writing(path)
-    with open(path, "rb"):
+    with path.open("rb"):
         assert not files.open_for_writing(path)
 
 
@@ -177,21 +179,21 @@ def test_store_round_trip_and_retry_requests(tmp_path: Path) -> None:
     store.request_retry("/d/a.tar")
     assert store.take_requests() == ["/d/a.tar"]
     assert store.take_requests() == []
-    assert not [p for p in os.listdir(tmp_path / "requests") if p.startswith(".")]
+    assert not [p for p in (tmp_path / "requests").iterdir() if p.name.startswith(".")]
 
 
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     """systemd-analyze verify accepts the unit (with ExecStart pointed at this checkout)."""
     if shutil.which("systemd-analyze") is None:
         pytest.fail("systemd-analyze is missing (scripts/bootstrap installs systemd)")
-    exe = Path(os.sys.executable).with_name("image-agent")  # type: ignore[attr-defined]
+    exe = Path(sys.executable).with_name("image-agent")
     unit = (ROOT / "systemd" / "image-agent.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "StateDirectory=image-agent" in unit
     assert "EnvironmentFile=-/etc/default/image-agent" in unit and "Restart=always" in unit
     path = tmp_path / "image-agent.service"
     path.write_text(unit.replace("/usr/bin/image-agent", str(exe)))
     result = subprocess.run(
-        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True
+        ["systemd-analyze", "verify", str(path)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
@@ -212,7 +214,7 @@ def test_status_reads_a_read_only_state_directory(tmp_path: Path) -> None:
     subprocess.run(["mount", "--bind", str(src), str(ro)], check=True)
     try:
         subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="Read-only file system"):
             (ro / "probe").write_bytes(b"")  # really read-only, even for root
         reader = Store(ro, readonly=True)
         try:

@@ -355,7 +355,7 @@ def test_events_of_a_copy_do_not_rewrite_state_each_batch(env: Env) -> None:
     env.duty.start_up()
     path = env.images / "big.tar"
     before = env.store.puts
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         for _ in range(50):
             f.write(b"x" * 1000)
             f.flush()
@@ -499,6 +499,15 @@ def test_progress_sink_is_passive_and_logged_by_health(env: Env) -> None:
     assert len(lines) == 1 and lines[0]["percent"] == 60.0
 
 
+def _receive_until_silent(sock: socket.socket, seconds: float) -> None:
+    """Read datagrams until the socket's own timeout fires (TimeoutError); one that
+    keeps receiving for ``seconds`` is an AssertionError (bounded: never drains for ever)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        sock.recv(100)
+    raise AssertionError("pings went on after a duty died")
+
+
 def test_watchdog_pings_only_while_all_duties_live(tmp_path: Path) -> None:
     """WATCHDOG=1 goes out at half of WATCHDOG_USEC; a dead duty stops the pings."""
     sock_path = tmp_path / "notify.sock"
@@ -517,11 +526,8 @@ def test_watchdog_pings_only_while_all_duties_live(tmp_path: Path) -> None:
         sock.settimeout(0.3)
         # Drain one that may have been on its way, then silence. Bounded: a
         # watchdog that kept pinging fails here instead of draining for ever.
-        deadline = time.monotonic() + 5
         with pytest.raises(TimeoutError):
-            while time.monotonic() < deadline:
-                sock.recv(100)
-            raise AssertionError("pings went on after a duty died")
+            _receive_until_silent(sock, 5)
     finally:
         stop.set()
         t.join(5)
@@ -877,7 +883,12 @@ def test_stale_heartbeat_stops_the_watchdog(tmp_path: Path) -> None:
     # The archives duty marks itself busy for the import only.
     env = Env(tmp_path)
     during: list[bool] = []
-    env.importer.around = lambda path, run: (during.append(env.duty.heartbeat.busy), run())[1]
+
+    def noting_busy(path: str, run: Callable[[], ImportResult]) -> ImportResult:
+        during.append(env.duty.heartbeat.busy)
+        return run()
+
+    env.importer.around = noting_busy
     env.archive("a.tar")
     env.duty.start_up()
     env.settle_and_step(1)
@@ -991,7 +1002,7 @@ def test_pull_list_read_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     images = tmp_path / "images"
     images.mkdir()
     big = images / "big.txt"
-    with open(big, "wb") as f:
+    with big.open("wb") as f:
         f.truncate(64 << 30)  # sparse: 64 GiB of nothing
     os.utime(big, (1e9, 1e9))
     asked: list[int] = []

@@ -28,8 +28,8 @@ from agent.image.platforms import Platform
 from agent.testing import samples
 from agent.testing.processes import DaemonProcess, NotifiedDaemon, wait_for
 from agent.testing.sandbox import PrivateContainerd
-from tests.conftest import ROOT, ctr
-from tests.helpers import assert_no_leases, assert_unpacked, cri_by_tag
+from tests.conftest import ROOT, StartDaemon, ctr
+from tests.helpers import assert_no_leases, assert_unpacked, cri_by_tag, record
 from tests.test_daemon import drop_big_archive, make_archive
 
 
@@ -59,7 +59,9 @@ def recovered(what: str, seconds: float) -> None:
 # -- files that are not archives, archives that break things ---------------------------
 
 
-def test_fifo_named_like_an_archive_never_hangs(daemon, client: Containerd, node: Platform) -> None:
+def test_fifo_named_like_an_archive_never_hangs(
+    daemon: StartDaemon, client: Containerd, node: Platform
+) -> None:
     """A FIFO called a.tar.gz (there at start and made while running) is skipped; later archives import; SIGTERM works."""
     d = daemon()
     os.mkfifo(d.images / "a.tar.gz")
@@ -75,7 +77,9 @@ def test_fifo_named_like_an_archive_never_hangs(daemon, client: Containerd, node
     assert time.monotonic() - started < 5
 
 
-def test_archive_nested_100000_deep_fails_alone(daemon, client: Containerd, node: Platform) -> None:
+def test_archive_nested_100000_deep_fails_alone(
+    daemon: StartDaemon, client: Containerd, node: Platform
+) -> None:
     """An index.json nested 100,000 deep fails that archive with one line; the daemon and the queue go on."""
     d = daemon()
     d.start()
@@ -98,7 +102,7 @@ def test_archive_nested_100000_deep_fails_alone(daemon, client: Containerd, node
 
 
 def test_archive_interrupted_three_times_is_set_aside(
-    daemon, client: Containerd, node: Platform
+    daemon: StartDaemon, client: Containerd, node: Platform
 ) -> None:
     """The daemon killed during the same import three times in a row: failed as the cause, the queue moves on, retry clears it."""
     d = daemon()
@@ -128,7 +132,7 @@ def test_archive_interrupted_three_times_is_set_aside(
     assert_unpacked(client, cri_by_tag(client)["docker.io/library/killer:1"])
 
 
-def test_second_daemon_on_the_same_state_dir_exits(daemon, node: Platform) -> None:
+def test_second_daemon_on_the_same_state_dir_exits(daemon: StartDaemon, node: Platform) -> None:
     """A second `run` on a held state directory says who holds it and exits non-zero."""
     d = daemon()
     d.start()
@@ -151,6 +155,7 @@ def test_second_daemon_on_the_same_state_dir_exits(daemon, node: Platform) -> No
         cwd=ROOT,
         env=dict(os.environ, CONTAINERD_ADDRESS=d.ctd.address),
         timeout=60,
+        check=False,
     )
     assert second.returncode != 0
     assert f"pid {d.proc.pid}" in second.stderr and "Traceback" not in second.stderr
@@ -159,7 +164,7 @@ def test_second_daemon_on_the_same_state_dir_exits(daemon, node: Platform) -> No
 
 
 def test_same_size_same_mtime_rewrite_while_running(
-    daemon, client: Containerd, node: Platform
+    daemon: StartDaemon, client: Containerd, node: Platform
 ) -> None:
     """`cat new > old; touch -r` while the daemon runs (busy elsewhere): noticed and imported again, no restart."""
     d = daemon()
@@ -177,7 +182,8 @@ def test_same_size_same_mtime_rewrite_while_running(
         90,
         "the big import to start",
     )
-    subprocess.run(f"cat {other} > {path}", shell=True, check=True)
+    with path.open("wb") as rewritten:  # same inode, truncated and written again
+        subprocess.run(["cat", str(other)], stdout=rewritten, check=True)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     wait_for(lambda: "docker.io/library/swapr:2" in cri_by_tag(client), 120, "swapr:2")
     d.wait_state(path, "imported")
@@ -189,7 +195,7 @@ def test_same_size_same_mtime_rewrite_while_running(
 
 
 def test_containerd_stopped_while_an_archive_arrives(
-    daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
+    daemon: StartDaemon, ctd: PrivateContainerd, client: Containerd, node: Platform
 ) -> None:
     """containerd down while an archive arrives and long after: imported within seconds of its return."""
     d = daemon()
@@ -213,13 +219,13 @@ def test_containerd_stopped_while_an_archive_arrives(
 
 
 def test_containerd_sigkilled_mid_import(
-    daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
+    daemon: StartDaemon, ctd: PrivateContainerd, client: Containerd, node: Platform
 ) -> None:
     """containerd SIGKILLed mid-import, restarted: the archive is imported, complete, no lease left."""
     d = daemon()
     d.start()
     big = drop_big_archive(d, "ckill:1", node, layers=4, mib=30)
-    wait_for(lambda: client.leases(), 90, "the import's lease")
+    wait_for(client.leases, 90, "the import's lease")
     ctd.kill()
     wait_for(lambda: d.named("import.deferred"), 60, "the import to be deferred")
     ctd.start()
@@ -234,7 +240,7 @@ def test_containerd_sigkilled_mid_import(
 
 
 def test_daemon_sigkilled_mid_unpack(
-    daemon, ctd: PrivateContainerd, client: Containerd, node: Platform
+    daemon: StartDaemon, ctd: PrivateContainerd, client: Containerd, node: Platform
 ) -> None:
     """The daemon SIGKILLed while layers unpack, restarted: imported once more, complete, no lease left."""
     d = daemon()
@@ -253,7 +259,7 @@ def test_daemon_sigkilled_mid_unpack(
 
 
 def test_sigterm_during_unpack_ends_within_seconds(
-    daemon, ctd: PrivateContainerd, node: Platform
+    daemon: StartDaemon, ctd: PrivateContainerd, node: Platform
 ) -> None:
     """SIGTERM while a multi-layer image unpacks: exit 0 within 15 s, lease released, archive pending.
 
@@ -269,7 +275,7 @@ def test_sigterm_during_unpack_ends_within_seconds(
     print(f"\nsigterm during unpack: exited after {took:.1f} s")
     assert took < 15
     no_leases_soon(ctd)
-    assert d.record(big)["state"] == "pending"  # type: ignore[index]
+    assert record(d, big)["state"] == "pending"
 
 
 # -- systemd watchdog -------------------------------------------------------------------
@@ -323,7 +329,7 @@ def test_watchdog_pings_through_a_long_import(
 def loop_fs(path: Path, mib: int) -> Iterator[Path]:
     """A fresh ext4 filesystem of ``mib`` MiB mounted at ``path`` (a loop device)."""
     image = path.with_name(path.name + ".img")
-    with open(image, "wb") as f:
+    with image.open("wb") as f:
         f.truncate(mib << 20)
     subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True)
     path.mkdir(parents=True, exist_ok=True)
@@ -344,7 +350,9 @@ def fill(fs: Path, leave: int = 0) -> Path:
     return filler
 
 
-def test_containerd_disk_fills_during_import(daemon, tmp_path: Path, node: Platform) -> None:
+def test_containerd_disk_fills_during_import(
+    daemon: StartDaemon, tmp_path: Path, node: Platform
+) -> None:
     """containerd's root fills mid-import: pending with a clear reason, nothing half-imported; imported once space is freed."""
     base = Path(tempfile.mkdtemp(prefix="ia-full-", dir="/tmp"))
     ctd = PrivateContainerd(base)
@@ -367,6 +375,7 @@ def test_containerd_disk_fills_during_import(daemon, tmp_path: Path, node: Platf
                     180,
                     "the import to wait for space",
                 )
+                assert rec
                 assert "insufficient space" in rec["reason"] and str(base / "root") in rec["reason"]
                 assert d.named("import.failed") == []
                 with Containerd(ctd.address) as c:
@@ -394,7 +403,7 @@ def test_containerd_disk_fills_during_import(daemon, tmp_path: Path, node: Platf
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
 def test_state_dir_unwritable(
-    fault: str, daemon, client: Containerd, tmp_path: Path, node: Platform
+    fault: str, daemon: StartDaemon, client: Containerd, tmp_path: Path, node: Platform
 ) -> None:
     """State directory full or read-only: logged, imports go on, /healthz 503; records written once it can."""
     d = daemon()

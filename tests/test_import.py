@@ -17,24 +17,25 @@ from agent.image.platforms import Platform
 from agent.importer import Importer, ImportOptions
 from agent.testing import samples
 from agent.testing.sandbox import PrivateContainerd
-from tests.conftest import Podman, ctr
+from tests.conftest import Podman, RunCli, StartRegistry, ctr
 from tests.helpers import (
     assert_no_leases,
     assert_pinned,
     assert_unpacked,
     cri_by_tag,
+    read_member,
 )
 
 
 def _write(path: Path, data: bytes, compression: str = "none") -> Path:
-    with open(path, "wb") as f:
+    with path.open("wb") as f:
         samples.write(f, data, compression)
     return path
 
 
 def _cli_compress(path: Path, tool: list[str], out: Path) -> Path:
     """Compress with the real command-line tool (``tool -c path > out``)."""
-    with open(out, "wb") as f:
+    with out.open("wb") as f:
         subprocess.run([*tool, "-c", str(path)], check=True, stdout=f)
     return out
 
@@ -50,7 +51,7 @@ def _cli_compress(path: Path, tool: list[str], out: Path) -> Path:
     ],
 )
 def test_oci_archive_any_compression_is_listed_unpacked_and_pinned(
-    cli,
+    cli: RunCli,
     client: Containerd,
     node: Platform,
     tmp_path: Path,
@@ -82,7 +83,7 @@ def test_oci_archive_any_compression_is_listed_unpacked_and_pinned(
 
 
 def test_docker_archive_matches_ctr_import(
-    ctd: PrivateContainerd, client: Containerd, cli, node: Platform, tmp_path: Path
+    ctd: PrivateContainerd, client: Containerd, cli: RunCli, node: Platform, tmp_path: Path
 ) -> None:
     """Same names, manifest and config digests as `ctr images import`, for podman- and docker-style archives."""
     images = [
@@ -112,7 +113,7 @@ def test_docker_archive_matches_ctr_import(
 
 
 def test_podman_archives_match_ctr(
-    ctd: PrivateContainerd, client: Containerd, cli, podman: Podman, tmp_path: Path
+    ctd: PrivateContainerd, client: Containerd, cli: RunCli, podman: Podman, tmp_path: Path
 ) -> None:
     """podman save (docker-archive, multi-image, oci-archive) imports with the config digests ctr sees."""
     podman.build("localhost/pm/alpha:1", {"alpha": b"alpha\n" * 100})
@@ -147,7 +148,7 @@ def test_podman_archives_match_ctr(
 
 
 def test_skopeo_zstd_layers_and_umoci_layout(
-    client: Containerd, cli, podman: Podman, tmp_path: Path
+    client: Containerd, cli: RunCli, podman: Podman, tmp_path: Path
 ) -> None:
     """Archives from skopeo (zstd-compressed layers) and umoci (bare tag + --base-name) import and unpack."""
     podman.build("localhost/sk/zed:1", {"z": b"zstd layer\n" * 1000})
@@ -231,7 +232,7 @@ def _all_digests(client: Containerd) -> list[str]:
 
 
 def test_multi_platform_imports_node_platform_by_default(
-    cli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
 ) -> None:
     """A multi-arch archive loads only this node's platform unless asked otherwise."""
     path = _write(
@@ -243,7 +244,7 @@ def test_multi_platform_imports_node_platform_by_default(
 
 
 def test_platform_flag_and_all_platforms(
-    cli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
 ) -> None:
     """--platform picks another platform; --all-platforms imports every one present."""
     path = _write(
@@ -256,7 +257,7 @@ def test_platform_flag_and_all_platforms(
 
 
 def test_archive_without_other_platforms_blobs(
-    cli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, other_platform: Platform, tmp_path: Path
 ) -> None:
     """Archives that omit other platforms' blobs (ctr export, k3s #10132) import the node's platform."""
     full = samples.oci_archive([_multi_platform(node, other_platform)])
@@ -266,7 +267,7 @@ def test_archive_without_other_platforms_blobs(
     for member in src.getmembers():
         if member.name.rsplit("/", 1)[-1] in other_blobs:
             continue
-        keep.append((member.name, src.extractfile(member).read()))  # type: ignore[union-attr]
+        keep.append((member.name, read_member(src, member)))
     path = _write(tmp_path / "partial.tar", samples.archive_bytes(keep))
     result = cli("import", str(path))
     assert result.code == 0, result.err
@@ -278,7 +279,7 @@ def test_archive_without_other_platforms_blobs(
 
 def _blobs_of_platform(tar: tarfile.TarFile, plat: Platform) -> set[str]:
     blobs = {
-        m.name.rsplit("/", 1)[-1]: tar.extractfile(m).read()  # type: ignore[union-attr]
+        m.name.rsplit("/", 1)[-1]: read_member(tar, m)
         for m in tar.getmembers()
         if m.name.startswith("blobs/")
     }
@@ -297,12 +298,12 @@ def _blobs_of_platform(tar: tarfile.TarFile, plat: Platform) -> set[str]:
 
 
 def test_oci_wins_over_docker_manifest(
-    cli, client: Containerd, node: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """Docker >= 25 archives carry both layouts; the OCI index decides the names."""
     oci = samples.oci_archive([samples.simple_image("both:oci", {"f": b"1"}, node)])
     src = tarfile.open(fileobj=__import__("io").BytesIO(oci))
-    entries = [(m.name, src.extractfile(m).read()) for m in src.getmembers()]  # type: ignore[union-attr]
+    entries = [(m.name, read_member(src, m)) for m in src.getmembers()]
     docker_manifest = json.dumps(
         [{"Config": "missing.json", "RepoTags": ["both:docker"], "Layers": []}]
     ).encode()
@@ -315,7 +316,7 @@ def test_oci_wins_over_docker_manifest(
 
 
 def test_reimport_is_idempotent_and_moves_tags(
-    cli, client: Containerd, node: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """Importing again changes nothing and writes no blob; a new archive with the same tag moves it."""
     v1 = _write(
@@ -344,7 +345,7 @@ def test_reimport_is_idempotent_and_moves_tags(
 
 
 def test_no_unpack_leaves_snapshotter_alone(
-    cli, client: Containerd, node: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """--no-unpack imports content and records only."""
     path = _write(
@@ -358,7 +359,7 @@ def test_no_unpack_leaves_snapshotter_alone(
 
 
 def test_images_command_lists_cri_view(
-    cli, client: Containerd, node: Platform, tmp_path: Path
+    cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """`image-agent images -o json` shows tags, digests, id, size and pinning from the CRI."""
     path = _write(
@@ -384,7 +385,12 @@ def _snapshot_keys(ctd: PrivateContainerd) -> set[str]:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["layers-in-order", "layers-shuffled"])
 def test_unpack_while_streaming_leaves_only_the_image_chain(
-    ctd: PrivateContainerd, client: Containerd, cli, node: Platform, tmp_path: Path, legacy: bool
+    ctd: PrivateContainerd,
+    client: Containerd,
+    cli: RunCli,
+    node: Platform,
+    tmp_path: Path,
+    legacy: bool,
 ) -> None:
     """Layers are unpacked as they stream in; whatever the archive's layer order, only the image's chain remains."""
     layers = tuple(samples.Layer({f"l{i}": bytes([i]) * (1000 + i)}) for i in range(4))
@@ -438,7 +444,11 @@ def _image_sources(client: Containerd, name: str) -> list[dict[str, str]]:
 
 
 def test_distribution_source_labels_match_a_cri_pull(
-    ctd: PrivateContainerd, client: Containerd, registry, node: Platform, tmp_path: Path
+    ctd: PrivateContainerd,
+    client: Containerd,
+    registry: StartRegistry,
+    node: Platform,
+    tmp_path: Path,
 ) -> None:
     """An imported image's content carries the same distribution-source labels as a CRI pull's.
 

@@ -123,7 +123,7 @@ def test_fifo_is_refused_at_once(tmp_path: Path) -> None:
     def run() -> None:
         try:
             Importer(MemoryStore(), OPTIONS).import_file(str(fifo))
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - whatever the thread meets is checked below
             outcome.append(err)
         done.set()
 
@@ -132,7 +132,7 @@ def test_fifo_is_refused_at_once(tmp_path: Path) -> None:
     finished = done.wait(5)
     if not finished:
         # Unblock the stuck open() so the thread ends, then fail.
-        with open(fifo, "wb"):
+        with fifo.open("wb"):
             pass
         pytest.fail("import_file blocked on a FIFO")
     assert len(outcome) == 1 and isinstance(outcome[0], ArchiveError)
@@ -329,13 +329,13 @@ def test_only_a_complete_import_waits_for_collection(tmp_path: Path) -> None:
     assert store.released == [True, False]
 
 
-class _WedgedLeases(leases_pb2_grpc.LeasesServicer):  # type: ignore[misc]
+class _WedgedLeases(leases_pb2_grpc.LeasesServicer):
     """A Leases service whose Delete never answers until released (a wedged containerd)."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
 
-    def Delete(self, request: object, context: object) -> empty_pb2.Empty:
+    def Delete(self, request: object, context: object) -> empty_pb2.Empty:  # noqa: N802 - gRPC name
         self.release.wait(30)
         return empty_pb2.Empty()
 
@@ -344,7 +344,8 @@ def test_sync_lease_delete_has_a_deadline(tmp_path: Path) -> None:
     """Releasing a lease on a containerd that never answers ends at the client's deadline."""
     servicer = _WedgedLeases()
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
-    leases_pb2_grpc.add_LeasesServicer_to_server(servicer, server)
+    # The generated gRPC stubs are untyped.
+    leases_pb2_grpc.add_LeasesServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     socket = f"unix://{tmp_path}/c.sock"
     server.add_insecure_port(socket)
     server.start()

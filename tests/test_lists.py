@@ -9,9 +9,7 @@ def test_plain_list_with_comments_and_invalid_lines() -> None:
     """k3s-style lists: invalid lines are reported with file and line; valid ones still count."""
     text = (
         "# workspace images\n\nalpine:3.19\nquay.io/che/udi:latest  # the UDI\nNot Valid!\n"
-        + "x:"
-        + "t" * 129
-        + "\n"
+        "x:" + "t" * 129 + "\n"
     )
     entries, problems = lists.parse(text, "images/ws.txt")
     assert [e.ref for e in entries] == ["docker.io/library/alpine:3.19", "quay.io/che/udi:latest"]

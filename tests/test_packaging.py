@@ -29,6 +29,7 @@ def deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
         capture_output=True,
         text=True,
         timeout=900,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     return Path(result.stdout.strip().splitlines()[-1])
@@ -68,6 +69,7 @@ def test_deb_installs_offline_and_imports(
         text=True,
         timeout=600,
         env={k: v for k, v in os.environ.items() if not k.startswith("PIP_")},
+        check=False,
     )
     assert install.returncode == 0, install.stderr
     exe = prefix / "bin" / "image-agent"
@@ -75,7 +77,7 @@ def test_deb_installs_offline_and_imports(
     assert version.stdout.strip() == f"image-agent {__version__}"
 
     archive = tmp_path / "site.tar.zst"
-    with open(archive, "wb") as f:
+    with archive.open("wb") as f:
         samples.write(f, samples.oci_archive(samples.demo_images(node)), "zstd")
     result = subprocess.run(
         [str(exe), "import", "--address", ctd.address, str(archive)],
@@ -83,6 +85,7 @@ def test_deb_installs_offline_and_imports(
         text=True,
         timeout=300,
         cwd=tmp_path,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert "docker.io/image-agent/sample-app:1.0" in cri_by_tag(client)

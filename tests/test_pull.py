@@ -6,12 +6,14 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 from agent.containerd import Containerd
 from agent.image.platforms import Platform
 from agent.importer import PINNED_LABEL
 from agent.testing import samples
-from agent.testing.processes import Registry, wait_for
+from agent.testing.processes import DaemonProcess, Registry, wait_for
+from tests.conftest import RunCli, StartDaemon, StartRegistry
 from tests.helpers import assert_pinned, cri_by_tag
 
 
@@ -28,12 +30,12 @@ def push(reg: Registry, tmp_path: Path, node: Platform, name: str, payload: byte
     return f"{reg.host}/{name}"
 
 
-def pulls(d) -> dict[str, dict]:  # type: ignore[no-untyped-def,type-arg]
+def pulls(d: DaemonProcess) -> dict[str, dict[str, Any]]:
     return {p["image"]: p for p in d.status()["pulls"]}
 
 
 def test_pull_list_with_invalid_lines(
-    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+    daemon: StartDaemon, registry: StartRegistry, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """Valid lines of a .txt list are pulled and pinned; invalid ones are reported with file and line."""
     reg = registry()
@@ -54,7 +56,7 @@ def test_pull_list_with_invalid_lines(
 
 
 def test_registry_down_then_back(
-    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+    daemon: StartDaemon, registry: StartRegistry, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """Pulls against a stopped registry back off (no hot loop) and succeed once it is back."""
     reg = registry()
@@ -66,6 +68,7 @@ def test_registry_down_then_back(
     first = wait_for(
         lambda: (p := pulls(d).get(ref)) and p["state"] == "retrying" and p, 60, "retrying"
     )
+    assert first
     assert first["last_error"] and first["next_retry_at"] is not None
     failed = d.named("pull.failed")
     assert failed and failed[0]["image"] == ref and failed[0]["retry_in_s"] >= 1.5
@@ -78,7 +81,7 @@ def test_registry_down_then_back(
 
 
 def test_auth_file_and_wrong_credentials(
-    registry, cli, client: Containerd, node: Platform, tmp_path: Path
+    registry: StartRegistry, cli: RunCli, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """--auth-file credentials pull from an htpasswd registry; wrong ones fail as unauthorized."""
     reg = registry("agent", "s3cret-pw")
@@ -107,7 +110,7 @@ def test_auth_file_and_wrong_credentials(
 
 
 def test_auth_failure_in_daemon_is_failed_unauthorized(
-    daemon, registry, node: Platform, tmp_path: Path
+    daemon: StartDaemon, registry: StartRegistry, node: Platform, tmp_path: Path
 ) -> None:
     """In the daemon, wrong credentials give state failed with reason unauthorized and a long backoff."""
     reg = registry("agent", "s3cret-pw")
@@ -118,13 +121,14 @@ def test_auth_failure_in_daemon_is_failed_unauthorized(
     d.start()
     (d.images / "l.txt").write_text(ref + "\n")
     rec = wait_for(lambda: (p := pulls(d).get(ref)) and p["state"] == "failed" and p, 60, "failed")
+    assert rec
     assert rec["last_error"].startswith("unauthorized")
     assert rec["next_retry_at"] - time.time() > 300
     assert "wrong" not in d.log_path.read_text()
 
 
 def test_moved_tag_is_pulled_again_after_refresh(
-    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+    daemon: StartDaemon, registry: StartRegistry, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """A tag moved in the registry is followed after the refresh interval."""
     reg = registry()
@@ -153,7 +157,7 @@ def test_moved_tag_is_pulled_again_after_refresh(
 
 
 def test_removed_from_list_is_unpinned_not_deleted(
-    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+    daemon: StartDaemon, registry: StartRegistry, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """An image that leaves every list is unpinned (kubelet GC may take it) but not deleted."""
     reg = registry()
@@ -180,7 +184,7 @@ def test_removed_from_list_is_unpinned_not_deleted(
 
 
 def test_thirty_images_with_concurrency(
-    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+    daemon: StartDaemon, registry: StartRegistry, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """30 listed images are all pulled and pinned, at most --pull-concurrency at a time, more than one at once."""
     reg = registry()
@@ -206,7 +210,7 @@ def test_thirty_images_with_concurrency(
 
 
 def test_archive_images_stay_pinned_when_list_drops_them(
-    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+    daemon: StartDaemon, registry: StartRegistry, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """An image both imported from an archive and listed stays pinned when the list drops it."""
     reg = registry()
@@ -215,7 +219,7 @@ def test_archive_images_stay_pinned_when_list_drops_them(
     d.start()
     archive = samples.oci_archive([samples.simple_image(ref, {"f": b"both/img:1"}, node)])
     (d.images / ".a.tmp").write_bytes(archive)
-    os.rename(d.images / ".a.tmp", d.images / "a.tar")
+    (d.images / ".a.tmp").rename(d.images / "a.tar")
     d.wait_state(d.images / "a.tar", "imported")
     lst = d.images / "l.txt"
     lst.write_text(ref + "\n")
@@ -226,7 +230,7 @@ def test_archive_images_stay_pinned_when_list_drops_them(
 
 
 def test_pull_list_flag_file_change_is_picked_up(
-    daemon, registry, client: Containerd, node: Platform, tmp_path: Path
+    daemon: StartDaemon, registry: StartRegistry, client: Containerd, node: Platform, tmp_path: Path
 ) -> None:
     """A --pull-list file outside the images directory is re-read when it changes, without a restart."""
     reg = registry()

@@ -113,7 +113,7 @@ def test_classify(err: ContainerdError, permanent: bool, prefix: str) -> None:
 
 def test_retry_delay_is_capped_exponential_with_jitter() -> None:
     """Retries back off exponentially with jitter, capped; permanent failures wait much longer."""
-    rng = random.Random(1)
+    rng = random.Random(1)  # noqa: S311 - seeded for repeatable jitter, not for secrets
     transient = [retry_delay(n, False, rng) for n in range(1, 12)]
     assert 1.6 <= transient[0] <= 2.4 and 3.2 <= transient[1] <= 4.8
     assert max(transient) <= 300 * 1.2

@@ -93,7 +93,8 @@ class HttpProxy:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self.port = 0
-        threading.Thread(target=self._run, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
         if not self._ready.wait(10):
             raise RuntimeError("proxy did not start")
 
@@ -117,6 +118,7 @@ class HttpProxy:
         self.loop.run_until_complete(setup())
         self._ready.set()
         self.loop.run_forever()
+        self.loop.close()  # stopped by close(): its selector and wake-up sockets go too
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests[request.path] = self.requests.get(request.path, 0) + 1
@@ -146,3 +148,4 @@ class HttpProxy:
 
         asyncio.run_coroutine_threadsafe(down(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)

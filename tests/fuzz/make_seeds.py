@@ -19,6 +19,7 @@ from agent.image.platforms import Platform
 from agent.importer import BUNDLE_CONTENTS
 from agent.testing import samples
 from tests.fuzz.run import CORPUS
+from tests.helpers import read_member
 
 AMD64 = Platform("linux", "amd64")
 ARM64 = Platform("linux", "arm64", "v8")
@@ -26,7 +27,7 @@ ARM64 = Platform("linux", "arm64", "v8")
 
 def _members(archive: bytes) -> dict[str, bytes]:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}  # type: ignore[union-attr]
+        return {m.name: read_member(tar, m) for m in tar.getmembers() if m.isfile()}
 
 
 def _long_name_archive() -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from agent.airgap.verify import verify
 from agent.archive import layout, limits
@@ -23,34 +24,32 @@ FUZZ_LIMITS = limits.Limits(
     max_members=2000,
 )
 
-_SCRATCH = os.path.join(
-    "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir(),
-    f"image-agent-fuzz-{os.getpid()}.tar",
-)
+_SCRATCH = (
+    Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+) / f"image-agent-fuzz-{os.getpid()}.tar"
 
 
 def archive(data: bytes) -> None:
     """An archive file through ``verify``: outer compression, tar, blob names, duplicates,
     manifest.json, index.json, nested indexes, manifests and configs (the importer's own
     code, with the in-memory store)."""
-    with open(_SCRATCH, "wb") as f:
-        f.write(data)
+    _SCRATCH.write_bytes(data)
     try:
-        verify(_SCRATCH)
+        verify(str(_SCRATCH))
     except ArchiveError as err:
         _one_line(str(err))
     finally:
-        os.unlink(_SCRATCH)  # libFuzzer ends the process without running atexit
+        _SCRATCH.unlink()  # libFuzzer ends the process without running atexit
 
 
 def layout_docs(data: bytes) -> None:
     """One metadata document through every layout parser, as index, manifest and config."""
     limits.begin_archive()  # each input is an archive of its own: counts do not carry over
     for parse in (
-        lambda d: layout.parse_index(d),
+        layout.parse_index,
         lambda d: layout.parse_manifest(d, "manifest"),
         lambda d: layout.parse_config(d, "config"),
-        lambda d: layout.parse_docker_manifest(d),
+        layout.parse_docker_manifest,
         lambda d: layout.document_kind("", d, "doc"),
     ):
         try:

@@ -33,7 +33,7 @@ def _run(target: str, artifacts: Path) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "tests.fuzz.run", target, str(SECONDS),
          "--timeout", str(INPUT_TIMEOUT), "--rss-mb", "768", "--artifacts", str(artifacts)],
         cwd=ROOT, capture_output=True, text=True, timeout=SECONDS + 90,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=dict(os.environ, PYTHONPATH=str(ROOT)), check=False,
     )  # fmt: skip
 
 
