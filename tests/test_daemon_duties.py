@@ -742,10 +742,11 @@ def test_archive_that_cannot_be_read_waits_and_says_why(
 def test_settle_of_zero_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--settle 0 would look at a file still being written in a tight loop: a usage error, one line."""
     from agent import cli
+    from agent.cli.common import EXIT_USAGE
 
     for value in ("0", "-1"):
         code = cli.main(["run", "--settle", value, "--state-dir", str(tmp_path / "st")])
-        assert code == cli.EXIT_USAGE
+        assert code == EXIT_USAGE
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--settle must be more than 0" in err
     assert not (tmp_path / "st").exists()  # refused before anything was touched
