@@ -22,7 +22,7 @@ import pytest
 import zstandard
 
 from agent.airgap import bundle
-from agent.airgap.registry import RegistryClient, RegistryError, is_loopback
+from agent.airgap.registry import RegistryClient, RegistryError, is_loopback, web_request
 from agent.archive import layout
 from agent.containerd import Containerd
 from agent.image import refs
@@ -804,3 +804,10 @@ def test_bundle_over_the_import_limits_writes_nothing(
     assert "the bundle would hold 2 images, more than the 1" in line, result.stderr
     assert "Traceback" not in result.stderr
     assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+
+
+@pytest.mark.parametrize("url", ["file:///etc/passwd", "ftp://127.0.0.1/x", "/relative/path"])
+def test_registry_requests_are_http_only(url: str) -> None:
+    """A URL a registry hands over (token realm, redirect) that is not http(s) is refused in one line, never opened."""
+    with pytest.raises(RegistryError, match="not an http or https URL"):
+        web_request(url)
