@@ -811,3 +811,35 @@ def test_registry_requests_are_http_only(url: str) -> None:
     """A URL a registry hands over (token realm, redirect) that is not http(s) is refused in one line, never opened."""
     with pytest.raises(RegistryError, match="not an http or https URL"):
         web_request(url)
+
+
+def test_blob_storage_redirects_stay_on_http() -> None:
+    """A blob whose storage redirects on to ftp: is refused in one line at that hop, whatever hop it is."""
+    hops: list[str] = []
+
+    class Storage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hops.append(self.path)
+            target = "/cdn/blob" if self.path.startswith("/v2/") else "ftp://127.0.0.1/blob"
+            self.send_response(302 if self.path.startswith("/cdn") else 307)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Storage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_address[1]}"
+        client = RegistryClient(timeout=10)
+        digest = "sha256:" + "a" * 64
+        with pytest.raises(
+            RegistryError, match=r"^ftp://127\.0\.0\.1/blob: not an http or https URL$"
+        ):
+            b"".join(client.blob(refs.parse(f"{host}/x/y:1"), digest))
+        assert hops == [f"/v2/x/y/blobs/{digest}", "/cdn/blob"]
+    finally:
+        server.shutdown()
+        server.server_close()

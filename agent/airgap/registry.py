@@ -28,7 +28,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.client import HTTPResponse
+from http.client import HTTPMessage, HTTPResponse
+from typing import IO
 
 from agent import boundedjson
 from agent.archive import layout
@@ -97,6 +98,22 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+class _HttpOnlyRedirect(urllib.request.HTTPRedirectHandler):
+    """Redirects of blob storage are followed, each hop only to http(s) (never ftp: or file:)."""
+
+    def redirect_request(
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        web_request(newurl)  # refuses any other scheme, in one line
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 @dataclass(frozen=True)
 class Manifest:
     media_type: str
@@ -121,6 +138,7 @@ class RegistryClient:
         self._tokens: dict[tuple[str, str], tuple[str, float]] = {}
         self._basic_hosts: set[str] = set()
         self._opener = urllib.request.build_opener(_NoRedirect)
+        self._storage = urllib.request.build_opener(_HttpOnlyRedirect)
 
     def _plain(self, host: str) -> bool:
         return host in self.plain_http or is_loopback(host)
@@ -188,7 +206,7 @@ class RegistryClient:
         plain = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         request = web_request(target, plain)
         try:
-            return urllib.request.urlopen(request, timeout=self.timeout)  # type: ignore[no-any-return]  # noqa: S310 - web_request checked the scheme
+            return self._storage.open(request, timeout=self.timeout)  # type: ignore[no-any-return]
         except urllib.error.HTTPError as err:
             raise self._error(err, target) from None
         except (urllib.error.URLError, OSError) as err:
