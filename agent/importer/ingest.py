@@ -236,16 +236,30 @@ class Ingest:
 
     def path(self, path: str, what: str) -> tuple[str, int]:
         """(digest, size) of the file at ``path`` in the archive, following links."""
-        seen = 0
-        while path in self.links and seen < MAX_LINK_HOPS:
-            path, seen = self.links[path], seen + 1
-        found = self.by_path.get(path)
-        if found is None:
-            raise ArchiveError(f"{what} {path!r} is missing from the archive")
-        return found
+        return follow_links(self.links, self.by_path, path, what, "is missing from the archive")
 
     def compression_of(self, digest: str) -> Compression:
         return self.compression.get(digest, Compression.NONE)
+
+
+def follow_links(
+    links: dict[str, str],
+    by_path: dict[str, tuple[str, int]],
+    path: str,
+    what: str,
+    missing: str,
+) -> tuple[str, int]:
+    """(digest, size) of the file ``path`` names, through at most MAX_LINK_HOPS links.
+
+    A path with no file is ArchiveError ``<what> <path> <missing>``.
+    """
+    seen = 0
+    while path in links and seen < MAX_LINK_HOPS:
+        path, seen = links[path], seen + 1
+    found = by_path.get(path)
+    if found is None:
+        raise ArchiveError(f"{what} {path!r} {missing}")
+    return found
 
 
 def read_limited(data: Reader, limit: int, name: str) -> bytes:

@@ -43,8 +43,8 @@ from agent.archive.tarstream import HeaderGuard, Member, safe_name
 from agent.errors import AgentError, ArchiveError, Cancelled
 from agent.importer.ingest import (
     _LAYOUT_DOCS,
-    MAX_LINK_HOPS,
     check_stop,
+    follow_links,
     open_regular,
     read_limited,
 )
@@ -159,13 +159,7 @@ class _Seen:
         return body
 
     def path(self, path: str, what: str) -> tuple[str, int]:
-        seen = 0
-        while path in self.links and seen < MAX_LINK_HOPS:
-            path, seen = self.links[path], seen + 1
-        found = self.by_path.get(path)
-        if found is None:
-            raise ArchiveError(f"{what} {path!r} not seen yet")
-        return found
+        return follow_links(self.links, self.by_path, path, what, "not seen yet")
 
     def compression_of(self, digest: str) -> Compression:
         return self.compression.get(digest, Compression.NONE)
