@@ -1,7 +1,8 @@
 """Import benchmark: image-agent import against `zstd -dc | ctr images import -`.
 
 Same archive, same run, fresh containerd state for each first import, unpack
-on for both. Prints wall times, ratios and peak RSS, then the re-import of an
+on for both. Each containerd gets a new ext4 filesystem of its own
+(``--disk fresh``, the default; bench/disk.py says why). Prints wall times, ratios and peak RSS, then the re-import of an
 archive whose content is already present.
 
     .venv/bin/python -m bench.import_bench [--archive PATH] [--small] [--bundle N]
@@ -22,13 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 from agent.testing.sandbox import PrivateContainerd, select_release
-from bench import gen
+from bench import disk, gen
 
 ROOT = Path(__file__).resolve().parent.parent
 CTR = select_release().ctr
@@ -102,20 +103,19 @@ def ours(c: PrivateContainerd, archive: Path, extra: tuple[str, ...] = ()) -> Ru
     )
 
 
-def traced(archive: Path, out: Path, extra: tuple[str, ...] = (), *, prescan: bool = True) -> None:
+def traced(
+    archive: Path, out: Path, extra: tuple[str, ...] = (), *, prescan: bool, own_disk: bool
+) -> None:
     """One more import, into a fresh containerd, with its timeline (debug events) in ``out``.
 
     Without ``prescan`` the archive is read as from a pipe (bench.stream_import).
     """
     subprocess.run(["sync"], check=True)
-    c = fresh("trace")
     command = ["agent", "import", *extra] if prescan else ["bench.stream_import"]
-    try:
+    with fresh("trace", own_disk=own_disk) as c:
         env = dict(os.environ, CONTAINERD_ADDRESS=c.address, IMAGE_AGENT_LOG_LEVEL="debug")
         with out.open("wb") as f:
             run = run_measured([sys.executable, "-m", *command, str(archive)], env=env, stderr=f)
-    finally:
-        c.cleanup()
     print(f"traced import: {run.seconds:.2f}s, peak RSS {run.peak_rss_mib:.1f} MiB -> {out}")
     print(summarize(out))
 
@@ -168,10 +168,15 @@ def theirs(c: PrivateContainerd, archive: Path) -> Run:
     )
 
 
-def fresh(tag: str) -> PrivateContainerd:
-    c = PrivateContainerd(tempfile.mkdtemp(prefix=f"ia-bench-{tag}-", dir="/tmp"))
-    c.start()
-    return c
+@contextlib.contextmanager
+def fresh(tag: str, *, own_disk: bool) -> Iterator[PrivateContainerd]:
+    """A started containerd with empty state, on a new filesystem if ``own_disk``."""
+    with contextlib.ExitStack() as stack:
+        parent = stack.enter_context(disk.fresh_disk()) if own_disk else Path("/tmp")
+        c = PrivateContainerd(tempfile.mkdtemp(prefix=f"ia-bench-{tag}-", dir=parent))
+        stack.callback(c.cleanup)
+        c.start()
+        yield c
 
 
 def parse_args() -> argparse.Namespace:
@@ -199,6 +204,13 @@ def parse_args() -> argparse.Namespace:
         "--no-prescan",
         action="store_true",
         help="with --trace: import as from a pipe, without the metadata pre-scan",
+    )
+    parser.add_argument(
+        "--disk",
+        choices=("fresh", "shared"),
+        default="fresh" if disk.available() else "shared",
+        help="fresh: a new ext4 filesystem per run (bench/disk.py says why); "
+        "shared: containerd state under /tmp",
     )
     parser.add_argument(
         "--agent-args", default="", help="extra options for image-agent import (space-separated)"
@@ -229,7 +241,7 @@ Tool = Callable[[PrivateContainerd, Path], Run]
 
 
 def paired_rounds(
-    tools: list[tuple[str, Tool]], archive: Path, rounds: int
+    tools: list[tuple[str, Tool]], archive: Path, rounds: int, *, own_disk: bool
 ) -> dict[str, list[Run]]:
     """Each round: every tool imports into a fresh containerd, then again; order alternates."""
     runs: dict[str, list[Run]] = {}
@@ -238,13 +250,10 @@ def paired_rounds(
         # other's writeback.
         for name, fn in tools if round_ % 2 == 0 else tools[::-1]:
             subprocess.run(["sync"], check=True)
-            c = fresh(name)
-            try:
+            with fresh(name, own_disk=own_disk) as c:
                 runs.setdefault(f"{name} first", []).append(fn(c, archive))
                 subprocess.run(["sync"], check=True)
                 runs.setdefault(f"{name} again", []).append(fn(c, archive))
-            finally:
-                c.cleanup()
             subprocess.run(["sync"], check=True)
     return runs
 
@@ -280,20 +289,22 @@ def report(runs: dict[str, list[Run]]) -> None:
 def main() -> int:
     args = parse_args()
     archive = the_archive(args)
+    print(f"disk: {args.disk}")
     print(f"archive {archive} ({archive.stat().st_size / 1e6:.0f} MB compressed)")
     subprocess.run(
         ["cat", str(archive)], stdout=subprocess.DEVNULL, check=True
     )  # warm the page cache
     extra = tuple(args.agent_args.split())
+    own_disk = args.disk == "fresh"
     if args.trace:
-        traced(archive, args.trace, extra, prescan=not args.no_prescan)
+        traced(archive, args.trace, extra, prescan=not args.no_prescan, own_disk=own_disk)
         if args.only_trace:
             return 0
     tools: list[tuple[str, Tool]] = [
         ("ctr", theirs),
         ("image-agent", lambda c, path: ours(c, path, extra)),
     ]
-    report(paired_rounds(tools, archive, args.rounds))
+    report(paired_rounds(tools, archive, args.rounds, own_disk=own_disk))
     return 0
 
 
