@@ -752,6 +752,24 @@ def test_settle_of_zero_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture
     assert not (tmp_path / "st").exists()  # refused before anything was touched
 
 
+def test_a_part_that_fails_to_build_releases_the_state_lock(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bad --listen is a one-line usage error, and the state directory is free again for the next run."""
+    from agent import cli
+    from agent.cli.common import EXIT_USAGE
+
+    state = tmp_path / "st"
+    args = ["run", "--state-dir", str(state), "--images-dir", str(tmp_path / "images")]
+    code = cli.main([*args, "--listen", "127.0.0.1:not-a-port", "--address", "/nonexistent"])
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--listen 127.0.0.1:not-a-port" in err
+    lock = StateLock(state)
+    lock.acquire()  # StateLocked here if the failed run still held it
+    lock.release()
+
+
 def test_leftover_leases_go_before_the_space_check(
     env: Env, monkeypatch: pytest.MonkeyPatch
 ) -> None:

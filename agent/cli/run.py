@@ -7,6 +7,7 @@ another object afterwards.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import ssl
 import sys
@@ -216,25 +217,29 @@ def cmd_run(args: argparse.Namespace, stop: threading.Event) -> int:
     logs.configure(lcfg.level, stream=sys.stdout)
     log = logs.get()
     state_dir = Path(dcfg.state_dir)
-    lock = StateLock(state_dir)
-    lock.acquire()  # one daemon per state directory; a second one says who holds it
-    node = _build_daemon(args, dcfg, stop, log)
-    server = _http(dcfg.listen, node, log)
-    sync = _cluster_sync(args, node, state_dir, log)
-    log.info(
-        "starting", version=__version__, address=node.client.address, images_dir=dcfg.images_dir
-    )
-    try:
+    # Everything built is released in reverse, also when a later part fails
+    # to build (a bad --listen or --cluster-url releases the lock and the store).
+    with contextlib.ExitStack() as parts:
+        lock = StateLock(state_dir)
+        lock.acquire()  # one daemon per state directory; a second one says who holds it
+        parts.callback(lock.release)
+        node = _build_daemon(args, dcfg, stop, log)
+        parts.callback(node.store.close)
+        server = _http(dcfg.listen, node, log)
+        if server is not None:
+            parts.callback(server.server_close)  # after the loop below has stopped
+            parts.callback(server.shutdown)
+        sync = _cluster_sync(args, node, state_dir, log)
+        log.info(
+            "starting",
+            version=__version__,
+            address=node.client.address,
+            images_dir=dcfg.images_dir,
+        )
         if sync is not None:
             sync.start()
+            parts.callback(sync.stop)
         with node.client:
             node.daemon.run(stop)
-    finally:
-        if sync is not None:
-            sync.stop()
-        if server is not None:
-            server.shutdown()
-        node.store.close()
-        lock.release()
     log.info("stopped")
     return EXIT_OK
