@@ -2,8 +2,9 @@
 
 Same archive, same run, fresh containerd state for each first import, unpack
 on for both. Each containerd gets a new ext4 filesystem of its own
-(``--disk fresh``, the default; bench/disk.py says why). Prints wall times, ratios and peak RSS, then the re-import of an
-archive whose content is already present.
+(``--disk fresh``, the default; bench/disk.py says why). Prints wall times,
+ratios and peak RSS, then the re-import of an archive whose content is
+already present.
 
     .venv/bin/python -m bench.import_bench [--archive PATH] [--small] [--bundle N]
 
